@@ -1,0 +1,1 @@
+"""Switch-KD: visual-switch knowledge distillation for vision-language models, on DeepSpeed."""
