@@ -1,0 +1,229 @@
+"""The one typed config of a training run: YAML file + `--set key=value` overrides, validated up front.
+
+Every knob is a dataclass field below; an unknown key or a bad value stops with a message that lists
+what is valid, before anything heavy is loaded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None  # a save_pretrained directory (LlavaForConditionalGeneration family)
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)  # shard directories (data_prep/llava_to_shards.py)
+    eval: list[str] = field(default_factory=list)
+    max_length: int = 2048
+    template: str = "auto"  # the tokenizer's chat template when it has one, else "chatml"
+    num_workers: int = 2
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio at max_steps
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class LossConfig:
+    kind: str = "dbild"  # divergence D for the align and VSD terms: dbild | bild | kl
+    ce_weight: float = 1.0
+    align_weight: float = 1.0
+    vsd_weight: float = 1.0
+    temperature: float = 3.0
+    candidates: int = 64  # DBiLD knee window C
+    k_min: int = 2
+    k_max: int | None = None  # None: candidates
+    bild_top_k: int = 8
+    impl: str = "auto"  # DBiLD implementation: auto | torch | triton
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = ""
+    seed: int = 0
+    max_steps: int | None = None  # optimizer steps; or give epochs
+    epochs: float | None = None
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: ModelConfig = field(default_factory=ModelConfig)  # no path: plain SFT of the student
+    data: DataConfig = field(default_factory=DataConfig)
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    zero_stage: int = 2
+    ds_config: str | None = None  # default: ds_configs/zero{2,3}.json by zero_stage
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    grad_clip: float = 1.0
+    gradient_checkpointing: bool = False
+    loss: LossConfig = field(default_factory=LossConfig)
+    train_vision_tower: bool = True  # False freezes E_S, which disables what VSD is for
+    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    attention: str = "auto"  # auto: flash_attention_2 when installed on CUDA, else sdpa
+    log_every: int = 1
+    eval_every: int = 0  # optimizer steps between evaluations on data.eval; 0: only at the end, if data.eval
+    eval_max_new_tokens: int = 16
+    eval_batch_size: int = 16
+    eval_max_samples: int | None = None
+
+    @property
+    def distill(self) -> bool:
+        return self.teacher.path is not None
+
+
+CHOICES = {
+    "loss.kind": ("dbild", "bild", "kl"),
+    "loss.impl": ("auto", "torch", "triton"),
+    "zero_stage": (2, 3),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "attention": ("auto", "sdpa", "eager", "flash_attention_2"),
+    "data.template": ("auto", "chatml"),
+}
+
+
+def _coerce(value, hint, key):
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} is not a valid {hint}")
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {[f.name for f in dataclasses.fields(hint)]}, got {value!r}")
+        return _build(hint, value, key + ".")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {[prefix + u for u in unknown]}; valid keys here: "
+                          f"{[prefix + n for n in names]}")
+    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in values.items()})
+
+
+def _lookup(config, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+    problems = []
+    for key, choices in CHOICES.items():
+        if _lookup(config, key) not in choices:
+            problems.append(f"{key} = {_lookup(config, key)!r}; valid: {list(choices)}")
+    if not config.output_dir:
+        problems.append("output_dir is required")
+    if not config.student.path:
+        problems.append("student.path is required (a save_pretrained VLM directory)")
+    if not config.data.train:
+        problems.append("data.train is required (one or more shard directories)")
+    if (config.max_steps is None) == (config.epochs is None):
+        problems.append("give exactly one of max_steps and epochs")
+    for key in ("micro_batch_size", "grad_accum", "save_every", "keep_checkpoints", "data.max_length", "log_every"):
+        if _lookup(config, key) < 1:
+            problems.append(f"{key} must be >= 1, got {_lookup(config, key)}")
+    if config.max_steps is not None and config.max_steps < 1:
+        problems.append(f"max_steps must be >= 1, got {config.max_steps}")
+    loss = config.loss
+    if min(loss.ce_weight, loss.align_weight, loss.vsd_weight) < 0:
+        problems.append("loss weights must be >= 0")
+    if loss.temperature <= 0:
+        problems.append(f"loss.temperature must be > 0, got {loss.temperature}")
+    if loss.candidates < 2 or loss.k_min < 2 or (loss.k_max is not None and loss.k_max < loss.k_min):
+        problems.append(f"need candidates >= 2, k_min >= 2 and k_max >= k_min; got candidates={loss.candidates}, "
+                        f"k_min={loss.k_min}, k_max={loss.k_max}")
+    if not config.distill and (loss.align_weight > 0 or loss.vsd_weight > 0):
+        problems.append("loss.align_weight / loss.vsd_weight > 0 need teacher.path (set both weights to 0 for plain SFT)")
+    if config.distill and loss.vsd_weight > 0 and not config.train_vision_tower:
+        problems.append("train_vision_tower: false freezes E_S, so loss.vsd_weight > 0 trains nothing; set it to 0")
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+    return config
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """`a.b=value` pairs; the value is parsed as YAML (so 3, 1e-4, true, null, [a, b] work)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set takes key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        node = values
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return values
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
+    values = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                values = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return validate(_build(TrainConfig, apply_overrides(values, list(overrides))))
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)

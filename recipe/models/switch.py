@@ -1,0 +1,132 @@
+"""The three forward passes of Switch-KD (SPEC.md) over LlavaForConditionalGeneration models.
+
+    teacher pass  z_T  = L_T(P_T(E_T(image)), text)   no_grad, once per micro-step, reused by both losses
+    student pass  z_S  = L_S(P_S(E_S(image)), text)
+    switch pass   z_SW = L_T(P_T(E_S(image)), text)   gradients reach E_S only
+
+Logits exist only at supervised positions: hidden states are gathered there before the LM head, so no
+(batch x sequence x vocab) tensor is ever built. Every submodule is called through its forward (never
+through its .weight) so that ZeRO-3 gathers partitioned parameters on the way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from recipe.losses.objective import switch_kd_objective
+from recipe.models.loading import vision_feature_layers
+
+
+def vision_features(vlm, pixel_values: torch.Tensor) -> torch.Tensor:
+    """E(image) exactly where this model's projector takes it: (images, tokens, feature width)."""
+    config = vlm.config
+    pixel_values = pixel_values.to(vlm.model.vision_tower.dtype)
+    outputs = vlm.model.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+    selected = [outputs.hidden_states[layer] for layer in vision_feature_layers(config)]
+    if config.vision_feature_select_strategy == "default":
+        selected = [hidden[:, 1:] for hidden in selected]
+    return torch.cat(selected, dim=-1)
+
+
+def language_hidden(vlm, input_ids, attention_mask, image_embeds: torch.Tensor | None) -> torch.Tensor:
+    """Last hidden states of the language model with image embeddings placed at the image tokens."""
+    image_mask = input_ids == vlm.config.image_token_id
+    embeds = vlm.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
+    n_slots = int(image_mask.sum())
+    n_given = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
+    if n_slots != n_given:
+        raise ValueError(f"{n_slots} image-token positions in the text but {n_given} image embeddings")
+    if image_embeds is not None:
+        embeds = embeds.masked_scatter(image_mask[..., None], image_embeds.to(embeds.dtype))
+    outputs = vlm.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+    return outputs.last_hidden_state
+
+
+def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sample, position) of each supervised prediction after the causal shift, and its target token.
+
+    Rows come in (sample, position) order, so the i-th row of every pass is the i-th supervised token.
+    """
+    sample, position = torch.nonzero(labels[:, 1:] != -100, as_tuple=True)
+    return sample, position, labels[sample, position + 1]
+
+
+def supervised_logits(vlm, hidden: torch.Tensor, sample: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    return vlm.lm_head(hidden[sample, position])
+
+
+@dataclass
+class PassOutputs:
+    student: torch.Tensor  # (rows, V) z_S
+    targets: torch.Tensor  # (rows,)
+    teacher: torch.Tensor | None = None  # (rows, V) z_T, no grad
+    switch: torch.Tensor | None = None  # (switch rows, V) z_SW
+    switch_rows: torch.Tensor | None = None  # (rows,) bool: rows of image samples, i.e. rows of z_SW
+
+
+def run_passes(student, teacher, batch: dict, *, with_switch: bool = True) -> PassOutputs:
+    """Teacher (cached), student and switch passes of one micro-batch.
+
+    batch: input_ids, attention_mask, labels (B, T); pixel_values (images, 3, H, W) for the samples
+    whose has_image (B,) is set, in batch order. Text-only samples get no switch pass.
+    """
+    input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    has_image = batch["has_image"]
+    sample, position, targets = supervised_positions(labels)
+    pixel_values = batch.get("pixel_values")
+    any_image = bool(has_image.any())
+
+    # E_S runs once; its features feed both P_S (student pass) and P_T (switch pass).
+    student_features = vision_features(student, pixel_values) if any_image else None
+    student_embeds = student.model.multi_modal_projector(student_features) if any_image else None
+    student_logits = supervised_logits(
+        student, language_hidden(student, input_ids, attention_mask, student_embeds), sample, position)
+    out = PassOutputs(student=student_logits, targets=targets)
+    if teacher is None:
+        return out
+
+    with torch.no_grad():
+        teacher_embeds = (teacher.model.multi_modal_projector(vision_features(teacher, pixel_values))
+                          if any_image else None)
+        out.teacher = supervised_logits(
+            teacher, language_hidden(teacher, input_ids, attention_mask, teacher_embeds), sample, position)
+
+    if with_switch and any_image:
+        switch_embeds = teacher.model.multi_modal_projector(student_features)
+        switch_hidden = language_hidden(teacher, input_ids[has_image], attention_mask[has_image], switch_embeds)
+        # Sample indices inside the image-only sub-batch, for the same rows in the same order.
+        sub_index = torch.cumsum(has_image.long(), 0) - 1
+        rows = has_image[sample]
+        out.switch = supervised_logits(teacher, switch_hidden, sub_index[sample[rows]], position[rows])
+        out.switch_rows = rows
+    return out
+
+
+class SwitchKDModel(nn.Module):
+    """What the DeepSpeed engine wraps: the trainable student and the frozen teacher (or no teacher: SFT).
+
+    forward(batch) -> dict of loss terms; "loss" is the weighted objective to backpropagate.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, loss_config):
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        self.loss_config = loss_config
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # frozen: never dropout, whatever the engine asks
+        return self
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        cfg = self.loss_config
+        teacher = self.teacher if (cfg.align_weight > 0 or cfg.vsd_weight > 0) else None
+        passes = run_passes(self.student, teacher, batch, with_switch=cfg.vsd_weight > 0)
+        return switch_kd_objective(passes, cfg)
