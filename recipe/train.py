@@ -1,0 +1,212 @@
+"""Switch-KD training (or plain SFT of the student when no teacher is given) on DeepSpeed ZeRO-2/3.
+
+    python -m recipe.train --config recipe/configs/demo_switchkd.yaml [--set key=value ...]
+
+Read top to bottom: config -> distributed -> models -> data -> engine -> resume -> loop -> export.
+Rerunning the same command resumes from the newest complete checkpoint in output_dir/checkpoints.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from recipe import trainer as T
+from recipe.config import ConfigError, load_config, to_dict
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Switch-KD / SFT training on DeepSpeed")
+    parser.add_argument("--config", required=True, help="YAML file (see recipe/configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set optim.lr=1e-4 (repeatable)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    return parser.parse_args(argv)
+
+
+def build_models(cfg, precision):
+    from recipe.models import check_pair, load_tokenizer, load_vlm
+
+    for role in ("student", "teacher"):
+        path = getattr(cfg, role).path
+        if path is not None and not os.path.isfile(os.path.join(path, "config.json")):
+            raise ConfigError(f"{role}.path: no model checkpoint at {path!r} (expected {path}/config.json)")
+    tokenizer = load_tokenizer(cfg.student.path)
+    teacher = None
+    if cfg.distill:
+        from transformers import AutoConfig
+        # Checked on configs and tokenizers before any weights are loaded.
+        check_pair(AutoConfig.from_pretrained(cfg.teacher.path), AutoConfig.from_pretrained(cfg.student.path),
+                   load_tokenizer(cfg.teacher.path), tokenizer)
+        teacher = load_vlm(cfg.teacher.path, precision=precision, attention=cfg.attention)
+    student = load_vlm(cfg.student.path, precision=precision, attention=cfg.attention)
+    if not cfg.train_vision_tower:
+        student.model.vision_tower.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return student, teacher, tokenizer
+
+
+def build_data(cfg, student, tokenizer):
+    from recipe.data import Collator, ResumableDistributedSampler, ShardDataset
+    from recipe.models import image_token_count, load_image_processor
+
+    dataset = ShardDataset(cfg.data.train)
+    sampler = ResumableDistributedSampler(len(dataset), rank=T.rank(), world_size=T.world_size(), seed=cfg.seed)
+    collator = Collator(tokenizer, load_image_processor(cfg.student.path),
+                        num_image_tokens=image_token_count(student.config),
+                        image_token_id=student.config.image_token_id, max_length=cfg.data.max_length,
+                        template=cfg.data.template)
+    return dataset, sampler, collator
+
+
+def batches(dataset, sampler, collator, cfg):
+    """Micro-batches forever, epoch after epoch, from wherever the sampler stands."""
+    while True:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.micro_batch_size, sampler=sampler,
+                                             collate_fn=collator, num_workers=cfg.data.num_workers,
+                                             drop_last=True, persistent_workers=False)
+        for batch in loader:
+            yield batch
+        sampler.set_epoch(sampler.epoch + 1)
+
+
+def placeholder_batch(pad_id: int, image_shape) -> dict:
+    """Stands in when every sample of a micro-batch was too long: every rank must still run the step
+    (ZeRO's collectives), so run one padding token that carries no loss."""
+    return {"input_ids": torch.full((1, 1), pad_id), "attention_mask": torch.ones(1, 1, dtype=torch.long),
+            "labels": torch.full((1, 1), -100), "has_image": torch.zeros(1, dtype=torch.bool),
+            "pixel_values": torch.zeros((0, *image_shape))}
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
+
+    # ---- distributed
+    import deepspeed
+    T.ensure_distributed_env()
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    T.seed_everything(cfg.seed)
+    is_main = T.rank() == 0
+
+    # ---- models and data (a bad pair or path stops here, before any training)
+    try:
+        student, teacher, tokenizer = build_models(cfg, precision)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"config error: {e}")
+    dataset, sampler, collator = build_data(cfg, student, tokenizer)
+    world = T.world_size()
+    samples_per_step = cfg.micro_batch_size * cfg.grad_accum * world
+    steps_per_epoch = len(dataset) // (cfg.micro_batch_size * world) // cfg.grad_accum
+    max_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+
+    # ---- engine: one DeepSpeed engine over student + frozen teacher; the optimizer sees the student only
+    from recipe.models import SwitchKDModel
+    model = SwitchKDModel(student, teacher, cfg.loss)
+    ds_config = T.deepspeed_config(cfg, precision)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=T.param_groups(student, cfg.optim.weight_decay), config=ds_config,
+        lr_scheduler=lambda opt: T.warmup_cosine(opt, warmup_steps=cfg.optim.warmup_steps, max_steps=max_steps,
+                                                 min_lr_ratio=cfg.optim.min_lr_ratio))
+    device = engine.device
+
+    # ---- resume
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    checkpoint_dir = os.path.join(cfg.output_dir, "checkpoints")
+    step = 0
+    tag = T.latest_tag(checkpoint_dir)
+    if tag is not None:
+        state = T.load_checkpoint(engine, checkpoint_dir, tag)
+        step = state["step"]
+        sampler.load_state_dict(state["sampler"])
+        if is_main:
+            print(f"[train] resumed from {checkpoint_dir}/{tag} at step {step}", flush=True)
+    elif is_main:
+        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+            json.dump(to_dict(cfg), f, indent=2)
+    metrics = T.MetricsLog(os.path.join(cfg.output_dir, "metrics.jsonl"), resume_step=step)
+    stop = T.StopRequest()
+    data = batches(dataset, sampler, collator, cfg)
+    image_shape = collator([])["pixel_values"].shape[1:]
+
+    # ---- loop
+    from tqdm import tqdm
+    bar = tqdm(total=max_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
+    engine.train()
+    last_saved = step
+    while step < max_steps:
+        started = time.time()
+        lr = scheduler.get_last_lr()[0]  # the LR this step uses
+        sums = {"loss": 0.0, "ce": 0.0, "align": 0.0, "vsd": 0.0}
+        tokens = 0
+        dropped = 0
+        for _ in range(cfg.grad_accum):
+            batch = next(data)
+            sampler.advance(cfg.micro_batch_size * world)
+            dropped += sum(batch["dropped"].values())
+            if batch["input_ids"].shape[0] == 0:
+                batch = placeholder_batch(tokenizer.pad_token_id, image_shape)
+            tokens += int(batch["attention_mask"].sum())
+            out = engine(to_device(batch, device))
+            engine.backward(out["loss"])
+            engine.step()  # DeepSpeed steps the optimizer and LR schedule at the accumulation boundary
+            for key in sums:
+                sums[key] += out[key].item() / cfg.grad_accum
+        step += 1
+
+        loss, ce, align, vsd, tokens, dropped = T.all_reduce_mean(
+            [sums["loss"], sums["ce"], sums["align"], sums["vsd"], tokens, dropped], device)
+        elapsed = time.time() - started
+        record = {"step": step, "loss": loss, "ce": ce, "align": align, "vsd": vsd,
+                  "lr": lr, "grad_norm": _float(engine.get_global_grad_norm()),
+                  "samples_per_s": samples_per_step / elapsed, "tokens_per_s": tokens * world / elapsed,
+                  "dropped_samples": int(round(dropped * world)), "epoch": sampler.epoch}
+        if step % cfg.log_every == 0 or step == max_steps:
+            metrics.write(record)
+        bar.set_postfix(loss=f"{loss:.4f}", ce=f"{ce:.3f}", align=f"{align:.3f}", vsd=f"{vsd:.3f}",
+                        sps=f"{record['samples_per_s']:.1f}")
+        bar.update(1)
+
+        stopping = T.any_rank(stop.requested, device)
+        if step % cfg.save_every == 0 or stopping or step == max_steps:
+            T.save_checkpoint(engine, checkpoint_dir, step, {"step": step, "sampler": sampler.state_dict()},
+                              cfg.keep_checkpoints)
+            last_saved = step
+        if stopping:
+            if is_main:
+                print(f"\n[train] stop requested ({stop.signal_name or 'another rank'}): saved step {step}, "
+                      f"exiting; rerun the same command to resume", flush=True)
+            bar.close()
+            return 0
+    bar.close()
+    assert last_saved == step
+
+    # ---- export
+    final_dir = os.path.join(cfg.output_dir, "final")
+    T.export_student(engine, student, final_dir, tokenizer, cfg.student.path)
+    if is_main:
+        print(f"[train] done: {step} steps; student exported to {final_dir}", flush=True)
+    return 0
+
+
+def _float(x) -> float | None:
+    return None if x is None else float(x)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
