@@ -1,0 +1,94 @@
+"""A distributed sampler that resumes exactly in the middle of an epoch.
+
+Each epoch has one global order: a permutation of range(num_samples) drawn from a torch.Generator
+seeded with seed + epoch (identity order when shuffle=False), then cut (drop_last=True) or padded
+by wrapping around (drop_last=False) to a multiple of world_size. Rank r takes every world_size-th
+entry starting at r, so after every rank has taken k samples the ranks together have taken exactly
+the first k * world_size entries of the global order.
+
+Consumption is counted *globally* and explicitly: the trainer calls `advance(n)` after each
+optimizer step with n = micro_batch_size * grad_accum * world_size (all samples the step used on
+all ranks; samples the collator dropped as too long count too - they were drawn). Counting inside
+__iter__ would be wrong: DataLoader workers prefetch indices ahead of training. After
+`load_state_dict({"epoch", "consumed"})` the next `iter()` starts at entry `consumed` of the same
+global order, so interrupted + resumed runs see exactly the uninterrupted sequence. Because
+`consumed` is global, a resume may even change world_size (as long as it divides `consumed`).
+
+Epoch loop:  for epoch in range(start_epoch, epochs): sampler.set_epoch(epoch); for batch in loader: ...
+set_epoch(e) with e == the current epoch keeps `consumed` (the resume case); a new epoch resets it.
+"""
+
+import torch
+
+
+class ResumableDistributedSampler(torch.utils.data.Sampler[int]):
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle: bool = True,
+        drop_last: bool = False,
+    ):
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+        if drop_last and num_samples < world_size:
+            raise ValueError(f"drop_last with {num_samples} samples < world_size {world_size} leaves nothing")
+        self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
+        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.epoch = 0
+        self.consumed = 0  # samples consumed this epoch, summed over all ranks
+
+    @property
+    def total_size(self) -> int:
+        """Length of one epoch's global order (a multiple of world_size)."""
+        if self.drop_last:
+            return self.num_samples // self.world_size * self.world_size
+        return -(-self.num_samples // self.world_size) * self.world_size
+
+    def global_order(self) -> torch.Tensor:
+        """This epoch's order over all ranks."""
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_samples, generator=generator)
+        else:
+            order = torch.arange(self.num_samples)
+        if self.total_size > self.num_samples:  # pad by wrapping around (repeat as often as needed)
+            order = order.repeat(-(-self.total_size // self.num_samples))
+        return order[: self.total_size]
+
+    def __iter__(self):
+        # Materialised now: the start point is `consumed` at the moment the DataLoader asks.
+        return iter(self.global_order()[self.consumed + self.rank :: self.world_size].tolist())
+
+    def __len__(self) -> int:
+        """Samples this rank still has to take this epoch."""
+        return (self.total_size - self.consumed) // self.world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.consumed = epoch, 0
+
+    def advance(self, n_global_samples: int) -> None:
+        """Record that all ranks together consumed n more samples of this epoch."""
+        if n_global_samples < 0 or self.consumed + n_global_samples > self.total_size:
+            raise ValueError(
+                f"advance({n_global_samples}) with {self.consumed} of {self.total_size} already consumed this epoch"
+            )
+        self.consumed += n_global_samples
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        epoch, consumed = int(state["epoch"]), int(state["consumed"])
+        if not 0 <= consumed <= self.total_size or consumed % self.world_size:
+            raise ValueError(
+                f"cannot resume at consumed={consumed}: need a multiple of world_size={self.world_size} "
+                f"within the epoch size {self.total_size} (was the dataset or drop_last changed?)"
+            )
+        self.epoch, self.consumed = epoch, consumed

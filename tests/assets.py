@@ -1,0 +1,35 @@
+"""Real test assets built the way a user builds them: demo data through data_prep/, tiny models through
+recipe.models.tiny, both loaded back through the user-facing code paths."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_module(args: list[str], env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python ARGS` from the repository root; raise with the output when it fails."""
+    full_env = dict(os.environ, PYTHONPATH=REPO, **(env or {}))
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def build_demo_assets(root: str, n_train: int = 96, n_eval: int = 24) -> dict:
+    """Small demo data (train/eval shards, tokenizer) and the two tiny models; reused when present."""
+    paths = {"data": os.path.join(root, "data"), "teacher": os.path.join(root, "teacher"),
+             "student": os.path.join(root, "student")}
+    paths.update(train=os.path.join(paths["data"], "train"), eval=os.path.join(paths["data"], "eval"),
+                 tokenizer=os.path.join(paths["data"], "tokenizer"))
+    if not os.path.isfile(os.path.join(paths["train"], "index.json")):
+        run_module(["data_prep/make_demo_data.py", "--out", paths["data"], "--n-train", str(n_train),
+                    "--n-eval", str(n_eval)])
+    for role, seed in (("teacher", 0), ("student", 1)):
+        if not os.path.isfile(os.path.join(paths[role], "config.json")):
+            run_module(["-m", "recipe.models.tiny", "--preset", f"demo-{role}", "--tokenizer", paths["tokenizer"],
+                        "--out", paths[role], "--seed", str(seed)])
+    return paths

@@ -1,0 +1,153 @@
+"""The three passes on tiny real checkpoints: correctness against HF's own forward, gradient routing,
+the teacher cache, the pairing check and the no-(B x T x V) rule."""
+import copy
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from recipe.config import LossConfig
+from recipe.data import Collator, ShardDataset
+from recipe.models import (IncompatiblePair, SwitchKDModel, check_pair, image_token_count, load_image_processor,
+                           load_tokenizer, load_vlm, run_passes, supervised_positions)
+
+
+@pytest.fixture(scope="module")
+def pair(demo_assets):
+    torch.manual_seed(0)
+    return load_vlm(demo_assets["student"]), load_vlm(demo_assets["teacher"])
+
+
+@pytest.fixture(scope="module")
+def mixed_batch(demo_assets, pair):
+    """Image and text-only samples of different lengths, collated exactly as in training."""
+    student, _ = pair
+    dataset = ShardDataset(demo_assets["train"])
+    images = [i for i in range(len(dataset)) if dataset.meta(i).get("image")][:3]
+    texts = [i for i in range(len(dataset)) if not dataset.meta(i).get("image")][:2]
+    collator = Collator(load_tokenizer(demo_assets["student"]), load_image_processor(demo_assets["student"]),
+                        num_image_tokens=image_token_count(student.config),
+                        image_token_id=student.config.image_token_id, max_length=256)
+    batch = collator([dataset[i] for i in [images[0], texts[0], images[1], texts[1], images[2]]])
+    assert batch["has_image"].tolist() == [True, False, True, False, True]
+    assert len(set(batch["attention_mask"].sum(1).tolist())) > 1, "want samples of different lengths"
+    return batch
+
+
+def grad_total(module):
+    return sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
+
+
+def student_parts(student):
+    return {"vision": student.model.vision_tower, "projector": student.model.multi_modal_projector,
+            "language": torch.nn.ModuleList([student.model.language_model, student.lm_head])}
+
+
+def loss_grads(pair, batch, **weights):
+    student, teacher = copy.deepcopy(pair[0]), copy.deepcopy(pair[1])
+    model = SwitchKDModel(student, teacher, LossConfig(candidates=16, impl="torch", **weights))
+    out = model(batch)
+    out["loss"].backward()
+    return out, {name: grad_total(part) for name, part in student_parts(student).items()}, grad_total(teacher)
+
+
+def test_teacher_pass_matches_hf_forward_at_supervised_positions(pair, mixed_batch):
+    student, teacher = pair
+    passes = run_passes(student, teacher, mixed_batch)
+    with torch.no_grad():
+        full = teacher(input_ids=mixed_batch["input_ids"], attention_mask=mixed_batch["attention_mask"],
+                       pixel_values=mixed_batch["pixel_values"]).logits
+    sample, position, targets = supervised_positions(mixed_batch["labels"])
+    assert torch.allclose(passes.teacher, full[sample, position], atol=1e-4)
+    assert torch.equal(passes.targets, mixed_batch["labels"][sample, position + 1])
+
+
+def test_switch_pass_equals_teacher_pass_when_student_vision_is_the_teachers(pair, mixed_batch):
+    student, teacher = copy.deepcopy(pair[0]), pair[1]
+    student.model.vision_tower.load_state_dict(teacher.model.vision_tower.state_dict())
+    passes = run_passes(student, teacher, mixed_batch)
+    assert passes.switch.shape[0] == int(passes.switch_rows.sum()) > 0
+    assert torch.allclose(passes.switch, passes.teacher[passes.switch_rows], atol=1e-5)
+    # With its own vision tower the student's features do change the teacher's output.
+    other = run_passes(pair[0], teacher, mixed_batch)
+    assert not torch.allclose(other.switch, other.teacher[other.switch_rows], atol=1e-3)
+
+
+def test_vsd_alone_trains_only_the_student_vision_tower(pair, mixed_batch):
+    out, grads, teacher_grad = loss_grads(pair, mixed_batch, ce_weight=0.0, align_weight=0.0, vsd_weight=1.0)
+    assert out["vsd"] > 0
+    assert grads["vision"] > 0
+    assert grads["projector"] == 0 and grads["language"] == 0
+    assert teacher_grad == 0
+
+
+def test_align_alone_reaches_all_three_student_parts(pair, mixed_batch):
+    out, grads, teacher_grad = loss_grads(pair, mixed_batch, ce_weight=0.0, align_weight=1.0, vsd_weight=0.0)
+    assert out["align"] > 0
+    assert grads["vision"] > 0 and grads["projector"] > 0 and grads["language"] > 0
+    assert teacher_grad == 0
+
+
+def test_text_only_batch_gives_no_vsd(pair, mixed_batch):
+    text_rows = ~mixed_batch["has_image"]
+    batch = {k: (v[text_rows] if torch.is_tensor(v) and k != "pixel_values" else v) for k, v in mixed_batch.items()}
+    batch["pixel_values"] = mixed_batch["pixel_values"][:0]
+    out, grads, _ = loss_grads(pair, batch)
+    assert out["vsd"] == 0 and out["vsd_rows"] == 0
+    assert out["ce"] > 0 and out["align"] > 0
+    assert grads["vision"] == 0 and grads["language"] > 0
+
+
+def test_teacher_is_cached_and_logits_exist_only_at_supervised_rows(pair, mixed_batch):
+    student, teacher = pair
+    calls = {"teacher_vision": 0, "teacher_language": 0, "student_vision": 0}
+    head_inputs = []
+    hooks = [
+        teacher.model.vision_tower.register_forward_hook(lambda *a: calls.__setitem__("teacher_vision", calls["teacher_vision"] + 1)),
+        teacher.model.language_model.register_forward_hook(lambda *a: calls.__setitem__("teacher_language", calls["teacher_language"] + 1)),
+        student.model.vision_tower.register_forward_hook(lambda *a: calls.__setitem__("student_vision", calls["student_vision"] + 1)),
+        student.lm_head.register_forward_hook(lambda m, i, o: head_inputs.append(i[0].shape)),
+        teacher.lm_head.register_forward_hook(lambda m, i, o: head_inputs.append(i[0].shape)),
+    ]
+    try:
+        out = SwitchKDModel(student, teacher, LossConfig(candidates=16, impl="torch"))(mixed_batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    # Teacher pass once (cached for both losses) + switch pass once; E_S once for both of its uses.
+    assert calls == {"teacher_vision": 1, "teacher_language": 2, "student_vision": 1}
+    rows = int(out["rows"])
+    assert rows == int((mixed_batch["labels"][:, 1:] != -100).sum())
+    assert all(len(shape) == 2 for shape in head_inputs)  # (rows, hidden): never (batch, seq, hidden)
+    assert [s[0] for s in head_inputs] == [rows, rows, int(out["vsd_rows"])]
+
+
+def test_pair_check_names_mismatched_vision_width_and_vocabulary(demo_assets):
+    teacher_cfg = AutoConfig.from_pretrained(demo_assets["teacher"])
+    student_cfg = AutoConfig.from_pretrained(demo_assets["student"])
+    check_pair(teacher_cfg, student_cfg)  # the demo pair is compatible
+
+    wide = copy.deepcopy(student_cfg)
+    wide.vision_config.hidden_size = 96
+    with pytest.raises(IncompatiblePair, match=r"vision feature width.*teacher 64 vs student 96"):
+        check_pair(teacher_cfg, wide)
+
+    other_vocab = copy.deepcopy(student_cfg)
+    other_vocab.text_config.vocab_size += 7
+    n = teacher_cfg.text_config.vocab_size
+    with pytest.raises(IncompatiblePair, match=rf"vocabulary size: teacher {n} vs student {n + 7}"):
+        check_pair(teacher_cfg, other_vocab)
+
+    fewer_tokens = copy.deepcopy(student_cfg)
+    fewer_tokens.vision_config.patch_size = 16
+    with pytest.raises(IncompatiblePair, match="image tokens per image"):
+        check_pair(teacher_cfg, fewer_tokens)
+
+
+def test_pair_check_compares_tokenizers(demo_assets):
+    tokenizer = load_tokenizer(demo_assets["student"])
+    other = load_tokenizer(demo_assets["student"])
+    other.add_tokens(["<extra_token>"])
+    cfg = AutoConfig.from_pretrained(demo_assets["student"])
+    with pytest.raises(IncompatiblePair, match="tokenizer length"):
+        check_pair(cfg, cfg, tokenizer, other)

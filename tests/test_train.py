@@ -1,0 +1,205 @@
+"""The trainer on real DeepSpeed (CPU, gloo, 2 ranks): ZeRO-2 vs ZeRO-3, exact resume, export, bad configs."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from assets import REPO, run_module
+
+pytestmark = pytest.mark.slow
+TIMING_KEYS = {"samples_per_s", "tokens_per_s"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(tmp_path, demo_assets, name, **overrides) -> tuple[str, str]:
+    out = str(tmp_path / name)
+    cfg = {"output_dir": out, "seed": 0, "max_steps": 6, "save_every": 2, "keep_checkpoints": 2,
+           "student": {"path": demo_assets["student"]}, "teacher": {"path": demo_assets["teacher"]},
+           "data": {"train": [demo_assets["train"]], "max_length": 160, "num_workers": 0},
+           "micro_batch_size": 4, "grad_accum": 2, "zero_stage": 2,
+           "optim": {"lr": 2e-3, "warmup_steps": 2, "weight_decay": 0.01}, "loss": {"candidates": 16}}
+    for key, value in overrides.items():
+        node = cfg
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    path = str(tmp_path / f"{name}.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return path, out
+
+
+def torchrun_cmd(config: str, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "recipe.train", "--config", config]
+
+
+def run_training(config: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=REPO, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    proc = subprocess.run(torchrun_cmd(config, nproc), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"training failed\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def read_metrics(out: str) -> list[dict]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def without_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, demo_assets):
+    config, out = write_config(tmp_path_factory.mktemp("train"), demo_assets, "zero2", max_steps=12)
+    run_training(config)
+    return out
+
+
+def test_run_writes_metrics_checkpoints_and_a_loadable_final_student(uninterrupted, demo_assets):
+    records = read_metrics(uninterrupted)
+    assert [r["step"] for r in records] == list(range(1, 13))
+    for key in ("loss", "ce", "align", "vsd", "lr", "grad_norm", "samples_per_s", "tokens_per_s"):
+        assert all(r[key] is not None for r in records), key
+    assert records[-1]["ce"] < records[0]["ce"]
+    assert all(r["align"] > 0 and r["vsd"] > 0 for r in records)
+    assert records[0]["lr"] == pytest.approx(1e-3) and records[1]["lr"] == pytest.approx(2e-3)
+    checkpoints = os.path.join(uninterrupted, "checkpoints")
+    assert open(os.path.join(checkpoints, "latest")).read() == "step00000012"
+    assert sorted(t for t in os.listdir(checkpoints) if t.startswith("step")) == ["step00000010", "step00000012"]
+    # The frozen teacher is not in the checkpoint: it is a fraction of the student+teacher size.
+    saved = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(os.path.join(checkpoints, "step00000012")) for f in fs)
+    teacher_bytes = os.path.getsize(os.path.join(demo_assets["teacher"], "model.safetensors"))
+    student_bytes = os.path.getsize(os.path.join(demo_assets["student"], "model.safetensors"))
+    assert saved < 5 * student_bytes + teacher_bytes / 2
+
+
+def test_final_student_loads_with_transformers_and_generates(uninterrupted):
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+    from recipe.data import ShardDataset, encode_prompt
+    from recipe.models import image_token_count, load_image_processor
+
+    final = os.path.join(uninterrupted, "final")
+    model = LlavaForConditionalGeneration.from_pretrained(final)
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    processor = load_image_processor(final)
+    config = json.load(open(os.path.join(uninterrupted, "config.json")))
+    sample = next(s for s in (ShardDataset(config["data"]["train"])[i] for i in range(10)) if s["image"] is not None)
+    prompt = encode_prompt(sample["conversations"], tokenizer, num_image_tokens=image_token_count(model.config))
+    pixel_values = processor(images=[sample["image"]], return_tensors="pt")["pixel_values"]
+    generated = model.generate(input_ids=prompt["input_ids"][None], pixel_values=pixel_values, max_new_tokens=5,
+                               do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[0]
+    # The exported weights are the trained ones, not the initial student's.
+    start = load_file(os.path.join(config["student"]["path"], "model.safetensors"))
+    end = load_file(os.path.join(final, "model.safetensors"))
+    assert start.keys() == end.keys()
+    assert any(not torch.equal(start[k], end[k]) for k in start)
+
+
+def test_zero2_and_zero3_give_the_same_losses(tmp_path, demo_assets, uninterrupted):
+    config, out = write_config(tmp_path, demo_assets, "zero3", zero_stage=3, max_steps=12, save_every=6)
+    run_training(config)
+    zero2, zero3 = read_metrics(uninterrupted)[:4], read_metrics(out)[:4]
+    for a, b in zip(zero2, zero3):
+        for key in ("loss", "ce", "align", "vsd", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), (a["step"], key)
+    # ZeRO-3 gathers partitioned parameters for the export.
+    assert load_file(os.path.join(out, "final", "model.safetensors")).keys() == \
+        load_file(os.path.join(uninterrupted, "final", "model.safetensors")).keys()
+
+
+def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, demo_assets, uninterrupted):
+    config, out = write_config(tmp_path, demo_assets, "zero2", max_steps=12)
+    env = dict(os.environ, PYTHONPATH=REPO, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(torchrun_cmd(config), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3:
+            os.killpg(proc.pid, signal.SIGTERM)  # as SLURM does on preemption: every process of the job
+            break
+        time.sleep(0.02)
+    log = proc.communicate(timeout=300)[0]
+    stopped_at = int(open(os.path.join(out, "checkpoints", "latest")).read().removeprefix("step"))
+    assert "stop requested" in log, log[-3000:]
+    assert 3 <= stopped_at < 12, f"the run was not interrupted mid-way (stopped at {stopped_at})"
+    assert not os.path.exists(os.path.join(out, "final"))
+
+    resumed = run_training(config)
+    assert f"resumed from {out}/checkpoints/step{stopped_at:08d} at step {stopped_at}" in resumed.stdout + resumed.stderr
+    got, want = without_timing(read_metrics(out)), without_timing(read_metrics(uninterrupted))
+    assert len(got) == len(want) == 12
+    for a, b in zip(got, want):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-9)
+    a = load_file(os.path.join(uninterrupted, "final", "model.safetensors"))
+    b = load_file(os.path.join(out, "final", "model.safetensors"))
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+def run_expecting_failure(config: str) -> str:
+    env = dict(os.environ, PYTHONPATH=REPO, DS_ACCELERATOR="cpu")
+    proc = subprocess.run([sys.executable, "-m", "recipe.train", "--config", config], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    return proc.stderr
+
+
+def test_unknown_key_and_bad_value_fail_with_the_valid_choices(tmp_path, demo_assets):
+    config, out = write_config(tmp_path, demo_assets, "bad", **{"loss.kindd": "dbild"})
+    err = run_expecting_failure(config)
+    assert "unknown config key(s) ['loss.kindd']" in err and "loss.kind" in err
+    config, out = write_config(tmp_path, demo_assets, "bad2", **{"loss.kind": "jsd", "zero_stage": 1})
+    err = run_expecting_failure(config)
+    assert "loss.kind = 'jsd'; valid: ['dbild', 'bild', 'kl']" in err and "zero_stage = 1; valid: [2, 3]" in err
+    assert not os.path.exists(os.path.join(out, "checkpoints"))
+
+
+def test_missing_teacher_path_fails_before_training(tmp_path, demo_assets):
+    config, out = write_config(tmp_path, demo_assets, "noteacher", **{"teacher.path": str(tmp_path / "nope")})
+    err = run_expecting_failure(config)
+    assert f"teacher.path: no model checkpoint at '{tmp_path / 'nope'}'" in err
+    assert not os.path.exists(os.path.join(out, "metrics.jsonl"))
+
+
+def test_incompatible_pair_fails_before_training(tmp_path, demo_assets):
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+    from recipe.models.tiny import build_config
+
+    config = build_config("demo-teacher", AutoTokenizer.from_pretrained(demo_assets["tokenizer"]))
+    config.vision_config.hidden_size = 96
+    wide_teacher = str(tmp_path / "wide_teacher")
+    LlavaForConditionalGeneration(config).save_pretrained(wide_teacher)
+    AutoTokenizer.from_pretrained(demo_assets["tokenizer"]).save_pretrained(wide_teacher)
+    config_path, out = write_config(tmp_path, demo_assets, "incompatible", **{"teacher.path": wide_teacher})
+    err = run_expecting_failure(config_path)
+    assert "vision feature width" in err and "teacher 96 vs student 64" in err
+    assert not os.path.exists(os.path.join(out, "metrics.jsonl"))
+
+
+def test_sft_without_teacher_trains_the_student_alone(tmp_path, demo_assets):
+    config, out = write_config(tmp_path, demo_assets, "sft", max_steps=3, **{
+        "teacher.path": None, "loss.align_weight": 0.0, "loss.vsd_weight": 0.0})
+    run_training(config, nproc=1)
+    records = read_metrics(out)
+    assert len(records) == 3 and all(r["align"] == 0 and r["vsd"] == 0 and r["ce"] > 0 for r in records)
+    # Distillation weights without a teacher are a config error, not a silent SFT.
+    config, _ = write_config(tmp_path, demo_assets, "sft_bad", **{"teacher.path": None})
+    assert "need teacher.path" in run_expecting_failure(config)
