@@ -94,6 +94,7 @@ def main(argv=None):
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
+    stop = T.StopRequest()  # first: a preemption signal during start-up must not be lost
 
     # ---- distributed
     import deepspeed
@@ -140,7 +141,6 @@ def main(argv=None):
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
             json.dump(to_dict(cfg), f, indent=2)
     metrics = T.MetricsLog(os.path.join(cfg.output_dir, "metrics.jsonl"), resume_step=step)
-    stop = T.StopRequest()
     data = batches(dataset, sampler, collator, cfg)
     image_shape = collator([])["pixel_values"].shape[1:]
 
@@ -187,7 +187,7 @@ def main(argv=None):
             T.save_checkpoint(engine, checkpoint_dir, step, {"step": step, "sampler": sampler.state_dict()},
                               cfg.keep_checkpoints)
             last_saved = step
-        if stopping:
+        if stopping and step < max_steps:
             if is_main:
                 print(f"\n[train] stop requested ({stop.signal_name or 'another rank'}): saved step {step}, "
                       f"exiting; rerun the same command to resume", flush=True)
