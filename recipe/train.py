@@ -75,12 +75,12 @@ def batches(dataset, sampler, collator, cfg):
         sampler.set_epoch(sampler.epoch + 1)
 
 
-def placeholder_batch(pad_id: int, image_shape) -> dict:
+def placeholder_batch(pad_id: int) -> dict:
     """Stands in when every sample of a micro-batch was too long: every rank must still run the step
-    (ZeRO's collectives), so run one padding token that carries no loss."""
+    (ZeRO's collectives), so run one padding token that carries no loss (run_passes adds the stand-in
+    image that keeps the module calls of all ranks in step)."""
     return {"input_ids": torch.full((1, 1), pad_id), "attention_mask": torch.ones(1, 1, dtype=torch.long),
-            "labels": torch.full((1, 1), -100), "has_image": torch.zeros(1, dtype=torch.bool),
-            "pixel_values": torch.zeros((0, *image_shape))}
+            "labels": torch.full((1, 1), -100), "has_image": torch.zeros(1, dtype=torch.bool)}
 
 
 def to_device(batch: dict, device) -> dict:
@@ -142,7 +142,6 @@ def main(argv=None):
             json.dump(to_dict(cfg), f, indent=2)
     metrics = T.MetricsLog(os.path.join(cfg.output_dir, "metrics.jsonl"), resume_step=step)
     data = batches(dataset, sampler, collator, cfg)
-    image_shape = collator([])["pixel_values"].shape[1:]
 
     # ---- loop
     from tqdm import tqdm
@@ -160,7 +159,7 @@ def main(argv=None):
             sampler.advance(cfg.micro_batch_size * world)
             dropped += sum(batch["dropped"].values())
             if batch["input_ids"].shape[0] == 0:
-                batch = placeholder_batch(tokenizer.pad_token_id, image_shape)
+                batch = placeholder_batch(tokenizer.pad_token_id)
             tokens += int(batch["attention_mask"].sum())
             out = engine(to_device(batch, device))
             engine.backward(out["loss"])

@@ -34,6 +34,8 @@ def switch_kd_objective(passes, cfg) -> dict[str, torch.Tensor]:
     if passes.switch is not None and cfg.vsd_weight > 0:
         vsd = divergence(cfg.kind, passes.teacher[passes.switch_rows], passes.switch, cfg)
     total = cfg.ce_weight * ce + cfg.align_weight * align + cfg.vsd_weight * vsd
+    if passes.anchor is not None:
+        total = total + passes.anchor
     vsd_rows = 0 if passes.switch is None else passes.switch.shape[0]
     return {"loss": total, "ce": ce.detach(), "align": align.detach(), "vsd": vsd.detach(),
             "rows": torch.tensor(rows), "vsd_rows": torch.tensor(vsd_rows)}

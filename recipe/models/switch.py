@@ -64,6 +64,18 @@ class PassOutputs:
     teacher: torch.Tensor | None = None  # (rows, V) z_T, no grad
     switch: torch.Tensor | None = None  # (switch rows, V) z_SW
     switch_rows: torch.Tensor | None = None  # (rows,) bool: rows of image samples, i.e. rows of z_SW
+    anchor: torch.Tensor | None = None  # 0-valued term tying a stand-in image's passes into the backward
+
+
+def stand_in_image(vlm) -> torch.Tensor:
+    """One black image for micro-batches without images.
+
+    ZeRO-3 gathers parameters module by module, collectively, in forward and backward: every rank must
+    run the same modules every micro-step. So a batch without images still runs the vision path on this
+    image, and its output enters the loss multiplied by zero (as LLaVA does for text-only batches).
+    """
+    size = vlm.config.vision_config.image_size
+    return torch.zeros((1, 3, size, size), device=vlm.device)
 
 
 def run_passes(student, teacher, batch: dict, *, with_switch: bool = True) -> PassOutputs:
@@ -75,31 +87,37 @@ def run_passes(student, teacher, batch: dict, *, with_switch: bool = True) -> Pa
     input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     has_image = batch["has_image"]
     sample, position, targets = supervised_positions(labels)
-    pixel_values = batch.get("pixel_values")
-    any_image = bool(has_image.any())
+    stand_in = not bool(has_image.any())
+    pixel_values = stand_in_image(student) if stand_in else batch["pixel_values"]
 
     # E_S runs once; its features feed both P_S (student pass) and P_T (switch pass).
-    student_features = vision_features(student, pixel_values) if any_image else None
-    student_embeds = student.model.multi_modal_projector(student_features) if any_image else None
-    student_logits = supervised_logits(
-        student, language_hidden(student, input_ids, attention_mask, student_embeds), sample, position)
-    out = PassOutputs(student=student_logits, targets=targets)
+    student_features = vision_features(student, pixel_values)
+    student_embeds = student.model.multi_modal_projector(student_features)
+    student_hidden = language_hidden(student, input_ids, attention_mask, None if stand_in else student_embeds)
+    out = PassOutputs(student=supervised_logits(student, student_hidden, sample, position), targets=targets)
+    if stand_in:
+        out.anchor = student_embeds.sum() * 0.0
     if teacher is None:
         return out
 
     with torch.no_grad():
-        teacher_embeds = (teacher.model.multi_modal_projector(vision_features(teacher, pixel_values))
-                          if any_image else None)
-        out.teacher = supervised_logits(
-            teacher, language_hidden(teacher, input_ids, attention_mask, teacher_embeds), sample, position)
+        teacher_embeds = teacher.model.multi_modal_projector(vision_features(teacher, pixel_values))
+        teacher_hidden = language_hidden(teacher, input_ids, attention_mask, None if stand_in else teacher_embeds)
+        out.teacher = supervised_logits(teacher, teacher_hidden, sample, position)
 
-    if with_switch and any_image:
+    if with_switch:
         switch_embeds = teacher.model.multi_modal_projector(student_features)
-        switch_hidden = language_hidden(teacher, input_ids[has_image], attention_mask[has_image], switch_embeds)
-        # Sample indices inside the image-only sub-batch, for the same rows in the same order.
-        sub_index = torch.cumsum(has_image.long(), 0) - 1
         rows = has_image[sample]
-        out.switch = supervised_logits(teacher, switch_hidden, sub_index[sample[rows]], position[rows])
+        if stand_in:  # the stand-in image alone, as a sequence of image tokens; no supervised rows
+            image_ids = torch.full(switch_embeds.shape[:2], teacher.config.image_token_id, device=input_ids.device)
+            switch_hidden = language_hidden(teacher, image_ids, torch.ones_like(image_ids), switch_embeds)
+            out.anchor = out.anchor + switch_hidden.sum() * 0.0
+            sub_sample = sub_position = sample[:0]
+        else:
+            switch_hidden = language_hidden(teacher, input_ids[has_image], attention_mask[has_image], switch_embeds)
+            # Sample indices inside the image-only sub-batch, for the same rows in the same order.
+            sub_sample, sub_position = (torch.cumsum(has_image.long(), 0) - 1)[sample[rows]], position[rows]
+        out.switch = supervised_logits(teacher, switch_hidden, sub_sample, sub_position)
         out.switch_rows = rows
     return out
 
