@@ -1,0 +1,121 @@
+"""Compile the DBiLD kernels for an NVIDIA target without a GPU, and report ptxas registers and spills.
+
+The CPU interpreter (TRITON_INTERPRET=1) checks what the kernels compute but not that they compile:
+this runs the real pipeline (Triton -> TTIR -> TTGIR -> LLVM -> PTX -> ptxas) with the ptxas bundled
+in the triton wheel, using the launch options the wrappers use. Run it in a process WITHOUT
+TRITON_INTERPRET (the interpreter replaces @triton.jit functions):
+
+    env -u TRITON_INTERPRET python -m recipe.kernels.compile_check [--dtypes bf16 fp16 fp32] [--km 64 128]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+_DIV16 = [["tt.divisibility", 16]]
+
+
+def _ptxas_report(ptx: str, arch: int) -> dict:
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", out)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
+    return {"registers": int(regs.group(1)) if regs else None,
+            "spill_store_bytes": int(spill.group(1)) if spill else None,
+            "spill_load_bytes": int(spill.group(2)) if spill else None}
+
+
+def _compile(fn, signature: dict, constexprs: dict, divisible: tuple, options: dict, arch: int) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = dict(signature)
+    for name in constexprs:
+        sig[name] = "constexpr"
+    attrs = {(fn.arg_names.index(n),): _DIV16 for n in divisible}
+    kernel = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32), options=options)
+    report = {"kernel": fn.__name__, **{k: v for k, v in constexprs.items()}, **options,
+              "shared_bytes": kernel.metadata.shared}
+    report.update(_ptxas_report(kernel.asm["ptx"], arch))
+    return report
+
+
+def check_globals() -> None:
+    """What JITFunction.run checks at every launch (and cannot be exercised without a GPU): computing
+    cache_key walks the callees and rejects conflicting globals; then every global a kernel read must
+    still compare equal to itself (a NaN constexpr, for instance, never does)."""
+    from recipe.kernels import dbild_triton as m
+
+    for fn in (m._dbild_window_kernel, m._dbild_window_exact_kernel, m._dbild_pairs_kernel, m._dbild_scatter_kernel):
+        _ = fn.cache_key
+        for (name, _), (val, globals_dict) in fn.used_global_vals.items():
+            if globals_dict.get(name) != val:
+                raise RuntimeError(f"{fn.__name__}: global {name}={val!r} would fail Triton's launch-time check")
+
+
+def compile_all(dtypes=("bf16",), kms=(64,), arch: int = 90) -> list[dict]:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the kernels being compiled")
+    from recipe.kernels import dbild_triton as m
+
+    check_globals()
+    reports = []
+    import torch
+
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    window_sig = {"x_ptr": "*{dt}", "stride_x": "i32", "V": "i32", "C": "i32", "c_minus_1": "fp32", "K_MIN": "i32",
+                  "K_MAX": "i32", "scratch_ptr": "*i32", "idx_out_ptr": "*i32", "k_out_ptr": "*i32", "ok_ptr": "*i32"}
+    window_div = ("x_ptr", "stride_x", "V", "scratch_ptr", "idx_out_ptr", "k_out_ptr", "ok_ptr")
+    for dt in dtypes:
+        itemsize = torch_dtype[dt].itemsize
+        for km in kms:
+            cap, sub, block, lanes = m._window_config(151936, km, itemsize, None, None, None)
+            sig = {k: v.format(dt=dt) for k, v in window_sig.items()}
+            reports.append(_compile(
+                m._dbild_window_kernel, sig,
+                {"CAP": cap, "LANES": lanes, "KM": km, "KEY64": itemsize > 2,
+                 "INF_BITS": m._INF_BITS[torch_dtype[dt]], "INTERP": False},
+                window_div, {"num_warps": m._LANE_WARPS, "maxnreg": m._LANE_MAXNREG}, arch))
+            reports.append(_compile(
+                m._dbild_window_exact_kernel, sig,
+                {"CAP": cap, "SUB": sub, "BLOCK": block, "KM": km, "INTERP": False},
+                window_div, {"num_warps": m._WINDOW_WARPS, "maxnreg": m._WINDOW_MAXNREG}, arch))
+            for need_grad in (True, False):
+                reports.append(_compile(
+                    m._dbild_pairs_kernel,
+                    {"ref_ptr": f"*{dt}", "trn_ptr": f"*{dt}", "stride_r": "i32", "stride_t": "i32", "idx_ptr": "*i32",
+                     "k_ptr": "*i32", "loss_ptr": "*fp32", "g_ptr": "*fp32", "inv_tau": "fp32"},
+                    {"KM": km, "NEED_GRAD": need_grad}, ("ref_ptr", "trn_ptr", "stride_r", "stride_t"),
+                    m._pairs_launch(km), arch))
+            reports.append(_compile(
+                m._dbild_scatter_kernel,
+                {"grad_ptr": f"*{dt}", "stride_g": "i32", "idx_ptr": "*i32", "k_ptr": "*i32", "g_ptr": "*fp32",
+                 "grad_out_ptr": "*fp32", "inv_rows": "fp32"},
+                {"KM": km}, ("grad_ptr", "stride_g"), {"num_warps": m._scatter_warps(km)}, arch))
+    return reports
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtypes", nargs="+", default=["bf16"], choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--km", nargs="+", type=int, default=[64], help="padded k_max / candidates (power of two)")
+    ap.add_argument("--arch", type=int, default=90)
+    args = ap.parse_args()
+    for report in compile_all(tuple(args.dtypes), tuple(args.km), args.arch):
+        print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,654 @@
+"""Fused Triton DBiLD (SPEC.md "DBiLD" and "Performance contract"); reference: recipe/losses/dbild.py.
+
+Forward, one program per row in each launch, each leading input (ref, then trainee) in turn:
+
+1. `_dbild_window_kernel` reads the row once, as blocks of LANES (1024; 512 for float32) logits, three
+   blocks in flight, no branches: lane j keeps the 4 largest integer keys (value, then block, in one
+   int32 for 16-bit inputs) of the elements j, j + LANES, ... with a min/max insertion network
+   (~16 SASS instructions per bf16 logit). With t the C-th largest kept value, if no lane kept 4
+   keys >= t, every element >= t was kept: those candidates (about C) hold the exact top C, ties
+   included. They are sorted as int64 (value desc, index asc) keys, then come the Kneedle knee (the
+   reference's float32 formula with IEEE divisions, so argmax ties agree), k, and the first k_max
+   window indices. Otherwise (a crowded lane, > CAP tied candidates, +0.0 at the threshold, a NaN in
+   the row: well under 1% of rows for real-looking logits) the row is marked for:
+2. `_dbild_window_exact_kernel`, which rereads only those rows: an exact streaming top-C with a
+   candidate list of CAP = 4 * C indices, appended to (cumsum positions) when a block beats the
+   threshold and compacted (sort, keep C, raise the threshold) when it would overflow.
+3. `_dbild_pairs_kernel` gathers both models' logits at each branch's leading indices, builds the
+   pair-difference softmaxes over i < j < k on a 16, 32 or KM-wide tile (the smallest holding k),
+   the reverse KL and, when the trainee needs a gradient, d loss_row / d (gathered trainee logits):
+   all the backward needs.
+
+Backward: `_dbild_scatter_kernel` writes those <= 2*k_max values per row into a zeroed gradient in the
+trainee's dtype, adding the two branches in float32 where their leading sets share an entry.
+
+Memory besides the gradient, all O(rows x candidates): scratch int32 (rows, CAP), a flag per row,
+leading indices int32 (rows, 2, KM), k int32 (rows, 2), losses f32 (rows, 2), gathered gradients
+f32 (rows, 2, KM), with KM = next power of two >= k_max. float64 (or other non bf16/fp16/fp32) inputs
+and windows wider than MAX_TRITON_CANDIDATES run the torch reference instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+
+import torch
+import triton
+import triton.language as tl
+
+from recipe.kernels import _interpreter_compat
+from recipe.losses.dbild import check_logits, dbild_branches_torch, dbild_loss_torch
+
+_interpreter_compat.apply()
+
+# The pair softmax lives in registers as KM x KM tiles; above 128 it would spill, so larger windows
+# (only used to check the whole-vocabulary definition on tiny vocabularies) go to the torch reference.
+MAX_TRITON_CANDIDATES = 128
+
+# Globals read by kernels must be constexprs that compare equal to themselves (Triton re-checks them
+# at every launch), so no NaN here: NaN is spelled float("nan") inside the kernels.
+_KEY_EMPTY = tl.constexpr(-(2**63))
+_KEY32_MIN = tl.constexpr(-(2**31))
+_KEY32_MAX = tl.constexpr(2**31 - 1)
+_KEY_FULL = tl.constexpr(2**63 - 1)
+_LOW31 = tl.constexpr(0x7FFFFFFF)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+# INTERP (a constexpr) selects, in two places, an equivalent formulation that the CPU interpreter runs
+# fast: there, reductions and scans with a custom combine function run element by element in Python.
+# The GPU formulation runs under the interpreter too in tests/test_kernels.py (interp_path=False).
+
+
+@triton.jit
+def _max_nan_combine(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _block_max(x, INTERP: tl.constexpr):
+    """Max of a block where any NaN wins (torch.topk ranks NaN first, so a NaN must not be skipped)."""
+    if INTERP:
+        m = tl.max(x, axis=0)  # numpy's max already propagates NaN
+    else:
+        m = tl.reduce(x, 0, _max_nan_combine)
+    return m
+
+
+@triton.jit
+def _order_key(v, idx):
+    """One int64 per candidate whose descending order is (value desc, index asc), so every key is
+    distinct and ties never need a second pass."""
+    v = tl.where(v == 0.0, 0.0, v)  # -0.0 == +0.0 for torch; let the index decide
+    v = tl.where(v != v, float("nan"), v)  # a single (positive) NaN pattern, ranked above +inf like topk
+    bits = v.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ _LOW31)  # monotone in the float value
+    return (ordered.to(tl.int64) << 32) | (idx ^ _LOW31).to(tl.int64)  # low word: 2^31-1-idx
+
+
+@triton.jit
+def _key_value(key):
+    ordered = (key >> 32).to(tl.int32)
+    bits = tl.where(ordered >= 0, ordered, ordered ^ _LOW31)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _key_index(key):
+    return key.to(tl.int32) ^ _LOW31  # the truncation keeps the low word
+
+
+@triton.jit
+def _sort_desc(key, CAP: tl.constexpr, INTERP: tl.constexpr):
+    if not INTERP:
+        key = tl.sort(key, descending=True)
+    else:
+        # Same result for distinct keys, by rank placement in O(CAP^2). Only for the CPU interpreter,
+        # where tl.sort's bitonic network (custom-combine reductions) runs element by element in Python.
+        slot = tl.arange(0, CAP)
+        rank = tl.sum((key[None, :] > key[:, None]).to(tl.int32), axis=1)
+        key = tl.sum(tl.where(rank[:, None] == slot[None, :], key[:, None], 0), axis=0)
+    return key
+
+
+@triton.jit
+def _sorted_candidates(row_ptr, buf_ptr, fill, CAP: tl.constexpr, INTERP: tl.constexpr):
+    """The candidate list as keys sorted descending; empty slots sort last."""
+    slot = tl.arange(0, CAP)
+    valid = slot < fill
+    # Appends by other threads of this program must be visible before we read the list back.
+    tl.debug_barrier()
+    idx = tl.load(buf_ptr + slot, mask=valid, other=0)
+    v = tl.load(row_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+    # Empty slots get distinct keys too (below every real key), so all keys are distinct.
+    key = tl.where(valid, _order_key(v, idx), _KEY_EMPTY + slot.to(tl.int64))
+    key = _sort_desc(key, CAP, INTERP)
+    # Nobody may overwrite the list while another thread is still reading it.
+    tl.debug_barrier()
+    return key
+
+
+@triton.jit
+def _compact(row_ptr, buf_ptr, fill, C, CAP: tl.constexpr, INTERP: tl.constexpr):
+    """Keep the top C of the candidate list (called only with fill > C) and return the new threshold:
+    the C-th largest value. Later elements equal to it lose the tie on index, so `x > thr` is exact."""
+    key = _sorted_candidates(row_ptr, buf_ptr, fill, CAP, INTERP)
+    slot = tl.arange(0, CAP)
+    tl.store(buf_ptr + slot, _key_index(key), mask=slot < C)
+    thr = _key_value(tl.sum(tl.where(slot == C - 1, key, 0), axis=0))
+    return tl.minimum(fill, C), thr
+
+
+@triton.jit
+def _absorb(x, start, fill, thr, row_ptr, buf_ptr, V, C,
+            CAP: tl.constexpr, SUB: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr,
+            INTERP: tl.constexpr):
+    """Append the indices of the block [start, start + BLOCK) whose values may be in the top C.
+
+    `~(x <= thr)` is "x > thr or unordered": NaN logits always qualify, and thr = NaN (list not yet
+    full) lets everything in, -inf included.
+    """
+    offs = start + tl.arange(0, BLOCK)
+    if MASKED:
+        go = True
+    else:
+        # The hot path: one max per element. For real logits most blocks after the first few have
+        # nothing to add and stop here.
+        go = ~(_block_max(x, INTERP) <= thr)
+    if go:
+        qual = ~(x <= thr)
+        if MASKED:
+            qual = qual & (offs < V)
+        nq = tl.sum(qual.to(tl.int32), axis=0)
+        if fill + nq <= CAP:
+            pos = fill + tl.cumsum(qual.to(tl.int32), axis=0) - 1
+            tl.store(buf_ptr + pos, offs, mask=qual)
+            fill = fill + nq
+        else:
+            # Too many for the free slots (the first block, or a rising row): go in sub-blocks small
+            # enough (SUB <= CAP - C) to always fit after one compaction. Reloads hit L1/L2.
+            for s in range(0, BLOCK, SUB):
+                offs_s = start + s + tl.arange(0, SUB)
+                if MASKED:
+                    inb = offs_s < V
+                    xs = tl.load(row_ptr + offs_s, mask=inb, other=0.0).to(tl.float32)
+                    q = ~(xs <= thr) & inb
+                else:
+                    xs = tl.load(row_ptr + offs_s).to(tl.float32)
+                    q = ~(xs <= thr)
+                n = tl.sum(q.to(tl.int32), axis=0)
+                if fill + n > CAP:
+                    fill, thr = _compact(row_ptr, buf_ptr, fill, C, CAP, INTERP)
+                    if MASKED:
+                        q = ~(xs <= thr) & inb
+                    else:
+                        q = ~(xs <= thr)
+                    n = tl.sum(q.to(tl.int32), axis=0)
+                pos = fill + tl.cumsum(q.to(tl.int32), axis=0) - 1
+                tl.store(buf_ptr + pos, offs_s, mask=q)
+                fill = fill + n
+    return fill, thr
+
+
+@triton.jit
+def _finish_window(row_ptr, buf_ptr, fill, C, c_minus_1, K_MIN, K_MAX, idx_out_ptr, k_out_ptr,
+                   CAP: tl.constexpr, KM: tl.constexpr, INTERP: tl.constexpr):
+    """Sorted window -> Kneedle knee -> k; store k and the first KM window indices."""
+    key = _sorted_candidates(row_ptr, buf_ptr, fill, CAP, INTERP)
+    slot = tl.arange(0, CAP)
+    w = _key_value(key)
+    idx = _key_index(key)
+    in_win = slot < C
+    # Same float32 operations as recipe.losses.dbild.knee_k (IEEE division) so argmax ties agree.
+    first = tl.sum(tl.where(slot == 0, w, 0.0), axis=0)
+    last = tl.sum(tl.where(slot == C - 1, w, 0.0), axis=0)
+    span = first - last
+    safe_span = tl.where(span > 0, span, 1.0)
+    y = tl.where(span > 0, tl.math.div_rn(w - last, tl.zeros_like(w) + safe_span), 0.0)
+    xpos = tl.math.div_rn(slot.to(tl.float32), tl.zeros_like(w) + c_minus_1)
+    score = (1.0 - xpos) - y
+    score = tl.where(score != score, float("inf"), score)  # torch.argmax ranks NaN first
+    score = tl.where(in_win, score, float("-inf"))
+    knee = tl.argmax(score, axis=0, tie_break_left=True)
+    k = tl.minimum(tl.maximum(knee + 1, K_MIN), K_MAX)
+    tl.store(idx_out_ptr + slot, tl.where(in_win, idx, 0), mask=slot < KM)
+    tl.store(k_out_ptr, k)
+
+
+# --------------------------------------------------------------------------------------------- lane lists
+@triton.jit
+def _lane_key(x, b, KEY64: tl.constexpr):
+    """Integer key of each loaded logit, ordered like (value desc, block asc): the float bits in the
+    high half, turned into a signed integer monotone in the value (negative values get their
+    magnitude bits flipped), and 0xFFFF - b (float32: 2^31 - 1 - b in an int64) in the low half.
+    Raw IEEE order, so -0.0 < +0.0 and a negative NaN sorts last: the kernel checks for the few rows
+    where that differs from torch's order and leaves them to the exact kernel."""
+    b = b + tl.zeros((), dtype=tl.int32)  # a tensor even where the interpreter passes a Python int
+    if KEY64:
+        s = x.to(tl.int32, bitcast=True)
+        o = s ^ ((s >> 31) & 0x7FFFFFFF)
+        key = (o.to(tl.int64) << 32) | (b ^ 0x7FFFFFFF).to(tl.int64)
+    else:
+        s = x.to(tl.int16, bitcast=True).to(tl.int32) << 16
+        key = (s ^ ((s >> 31) & 0x7FFF0000)) | (0xFFFF - b)
+    return key
+
+
+@triton.jit
+def _key_value_bits(key, KEY64: tl.constexpr):
+    """The (ordered, signed) value half of a lane key."""
+    if KEY64:
+        v = (key >> 32).to(tl.int32)
+    else:
+        v = key >> 16
+    return v
+
+
+@triton.jit
+def _value_threshold(k1, k2, k3, k4, C, KEY64: tl.constexpr):
+    """The C-th largest kept value, as the smallest key carrying it (block half zero): the largest t of
+    that form with #{lane keys >= t} >= C, built bit by bit from the sign bit down through the value
+    half (two's complement: setting a lower bit always increases t). There are always >= C real keys.
+    `key >= t` then means "value >= that value", all the exactness argument needs. (Counts are summed
+    in float32, exact here: integer adds are overflow-checked, hence slow, in the CPU interpreter.)"""
+    if KEY64:
+        zero = tl.zeros((), dtype=tl.int64)
+        one = tl.full((), 1, tl.int64)
+        lowest = tl.full((), _KEY_EMPTY, tl.int64)
+        nbits = 64
+    else:
+        zero = tl.zeros((), dtype=tl.int32)
+        one = tl.full((), 1, tl.int32)
+        lowest = tl.full((), _KEY32_MIN, tl.int32)
+        nbits = 32
+    n = tl.sum((k1 >= zero).to(tl.float32) + (k2 >= zero).to(tl.float32) + (k3 >= zero).to(tl.float32)
+               + (k4 >= zero).to(tl.float32), axis=0)
+    t = tl.where(n >= C, zero, lowest)
+    for i in range(1, nbits // 2):
+        cand = t | (one << (nbits - 1 - i))
+        n = tl.sum((k1 >= cand).to(tl.float32) + (k2 >= cand).to(tl.float32) + (k3 >= cand).to(tl.float32)
+                   + (k4 >= cand).to(tl.float32), axis=0)
+        t = tl.where(n >= C, cand, t)
+    return t
+
+
+@triton.jit
+def _append_lane_keys(t, key, lane, fill, buf_ptr, LANES: tl.constexpr, KEY64: tl.constexpr):
+    """Append the vocabulary index of every lane key >= t to the candidate list."""
+    q = key >= t
+    if KEY64:
+        blk = key.to(tl.int32) ^ 0x7FFFFFFF
+    else:
+        blk = 0xFFFF - (key & 0xFFFF)
+    pos = fill + tl.cumsum(q.to(tl.int32), axis=0) - 1
+    tl.store(buf_ptr + pos, blk * LANES + lane, mask=q)
+    return fill + tl.sum(q.to(tl.int32), axis=0)
+
+
+# --------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _dbild_window_kernel(x_ptr, stride_x, V, C, c_minus_1, K_MIN, K_MAX, scratch_ptr, idx_out_ptr, k_out_ptr,
+                         ok_ptr, CAP: tl.constexpr, LANES: tl.constexpr, KM: tl.constexpr,
+                         KEY64: tl.constexpr, INF_BITS: tl.constexpr, INTERP: tl.constexpr):
+    """Window, knee and k of one leading input (launched once for ref, once for the trainee).
+
+    One pass, branch-free: the row is read as blocks of LANES logits and lane j keeps the 4 largest
+    keys of its column (elements j, j + LANES, ...) with a min/max insertion network. Let t be the
+    C-th largest kept value. Unless some lane kept 4 keys >= t (it may have dropped one more), every
+    element of the row with value >= t is kept, so those candidates hold the exact top C (ties
+    included), which `_finish_window` sorts. Otherwise, or when ties leave more than CAP candidates,
+    ok[row] = 0 and `_dbild_window_exact_kernel` redoes the row. For i.i.d. logits, 4 of the top 64
+    share one of 1024 lanes in well under 0.1% of rows."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    lane = tl.arange(0, LANES)
+    if KEY64:
+        empty = tl.full((LANES,), _KEY_EMPTY, tl.int64)
+        full = tl.full((LANES,), _KEY_FULL, tl.int64)
+    else:
+        empty = tl.full((LANES,), _KEY32_MIN, tl.int32)
+        full = tl.full((LANES,), _KEY32_MAX, tl.int32)
+    kmin = full  # only to spot negative NaNs, which raw IEEE order puts last and torch first
+    k1 = empty
+    k2 = empty
+    k3 = empty
+    k4 = empty
+    n_full = V // LANES
+    # Unmasked full blocks (a scalar mask keeps the loads vectorised), three blocks in flight.
+    nxt1 = tl.load(x_row + lane, mask=n_full > 0, other=0.0, eviction_policy="evict_first")
+    nxt2 = tl.load(x_row + LANES + lane, mask=n_full > 1, other=0.0, eviction_policy="evict_first")
+    nxt3 = tl.load(x_row + 2 * LANES + lane, mask=n_full > 2, other=0.0, eviction_policy="evict_first")
+    for b in range(0, n_full):
+        key = _lane_key(nxt1, b, KEY64)
+        nxt1 = nxt2
+        nxt2 = nxt3
+        nxt3 = tl.load(x_row + (b + 3) * LANES + lane, mask=b + 3 < n_full, other=0.0,
+                       eviction_policy="evict_first")
+        # Sorted insertion k1 >= k2 >= k3 >= k4 (keys of one lane are distinct: different blocks).
+        k4 = tl.maximum(k4, tl.minimum(key, k3))
+        k3 = tl.maximum(k3, tl.minimum(key, k2))
+        k2 = tl.maximum(k2, tl.minimum(key, k1))
+        k1 = tl.maximum(k1, key)
+        kmin = tl.minimum(kmin, key)
+    offs = n_full * LANES + lane
+    x = tl.load(x_row + offs, mask=offs < V, other=0.0)
+    key = _lane_key(x, n_full, KEY64)
+    kmin = tl.minimum(kmin, tl.where(offs < V, key, full))
+    key = tl.where(offs < V, key, empty)
+    k4 = tl.maximum(k4, tl.minimum(key, k3))
+    k3 = tl.maximum(k3, tl.minimum(key, k2))
+    k2 = tl.maximum(k2, tl.minimum(key, k1))
+    k1 = tl.maximum(k1, key)
+
+    t = _value_threshold(k1, k2, k3, k4, C, KEY64)
+    n_cand = tl.sum((k1 >= t).to(tl.float32) + (k2 >= t).to(tl.float32) + (k3 >= t).to(tl.float32)
+                    + (k4 >= t).to(tl.float32), axis=0).to(tl.int32)
+    # Exact unless: a lane may have dropped a key >= t; ties beyond CAP; t is +0.0 (a -0.0 ties with
+    # it for torch but sorts below it here); the row holds a NaN (torch ranks every NaN first, equal).
+    exact = (tl.sum((k4 >= t).to(tl.int32), axis=0) == 0) & (n_cand <= CAP) & (_key_value_bits(t, KEY64) != 0)
+    exact = exact & (tl.max(_key_value_bits(k1, KEY64), axis=0) <= INF_BITS)
+    exact = exact & (tl.min(_key_value_bits(kmin, KEY64), axis=0) >= -INF_BITS - 1)
+    tl.store(ok_ptr + row, exact.to(tl.int32))
+    if exact:
+        buf = scratch_ptr + row * CAP
+        fill = tl.zeros((), dtype=tl.int32)
+        fill = _append_lane_keys(t, k1, lane, fill, buf, LANES, KEY64)
+        fill = _append_lane_keys(t, k2, lane, fill, buf, LANES, KEY64)
+        fill = _append_lane_keys(t, k3, lane, fill, buf, LANES, KEY64)
+        _finish_window(x_row, buf, fill, C, c_minus_1, K_MIN, K_MAX, idx_out_ptr + row * (2 * KM),
+                       k_out_ptr + row * 2, CAP, KM, INTERP)
+
+
+@triton.jit
+def _dbild_window_exact_kernel(x_ptr, stride_x, V, C, c_minus_1, K_MIN, K_MAX, scratch_ptr, idx_out_ptr,
+                               k_out_ptr, ok_ptr, CAP: tl.constexpr, SUB: tl.constexpr, BLOCK: tl.constexpr,
+                               KM: tl.constexpr, INTERP: tl.constexpr):
+    """The rows `_dbild_window_kernel` could not settle (ok[row] == 0), by an exact streaming top-C:
+    a candidate list of CAP indices per row, appended to when a block beats the threshold (the C-th
+    largest kept so far) and compacted (sort, keep C, raise the threshold) when it would overflow."""
+    row = tl.program_id(0).to(tl.int64)
+    if tl.load(ok_ptr + row) == 0:
+        x_row = x_ptr + row * stride_x
+        buf = scratch_ptr + row * CAP
+        fill = tl.zeros((), dtype=tl.int32)
+        thr = tl.full((), float("nan"), tl.float32)
+        n_full = V // BLOCK
+        lane = tl.arange(0, BLOCK)
+        for b in range(0, n_full):
+            start = b * BLOCK
+            x = tl.load(x_row + start + lane).to(tl.float32)
+            fill, thr = _absorb(x, start, fill, thr, x_row, buf, V, C, CAP, SUB, BLOCK, False, INTERP)
+        start = n_full * BLOCK
+        if start < V:
+            offs = start + lane
+            x = tl.load(x_row + offs, mask=offs < V, other=0.0).to(tl.float32)
+            fill, thr = _absorb(x, start, fill, thr, x_row, buf, V, C, CAP, SUB, BLOCK, True, INTERP)
+        _finish_window(x_row, buf, fill, C, c_minus_1, K_MIN, K_MAX, idx_out_ptr + row * (2 * KM),
+                       k_out_ptr + row * 2, CAP, KM, INTERP)
+
+
+@triton.jit
+def _pair_branch(r_row, t_row, idx_ptr, k, loss_ptr, g_ptr, inv_tau,
+                 KM: tl.constexpr, NEED_GRAD: tl.constexpr):
+    """One branch of one row on a KM x KM tile of pairs (KM >= k); g_ptr gets KM entries."""
+    a = tl.arange(0, KM)
+    used = a < k
+    idx = tl.load(idx_ptr + a, mask=used, other=0)
+    zr = tl.load(r_row + idx, mask=used, other=0.0).to(tl.float32)
+    zt = tl.load(t_row + idx, mask=used, other=0.0).to(tl.float32)
+    pair = (a[:, None] < a[None, :]) & used[None, :]  # i < j < k
+    dr = (zr[:, None] - zr[None, :]) * inv_tau
+    dt = (zt[:, None] - zt[None, :]) * inv_tau
+    # Masked pairs become -inf before exp (exp -> 0) and 0 before any product: no NaN can leak.
+    mr = tl.max(tl.max(tl.where(pair, dr, float("-inf")), axis=1), axis=0)
+    mt = tl.max(tl.max(tl.where(pair, dt, float("-inf")), axis=1), axis=0)
+    sr = tl.sum(tl.sum(tl.exp(tl.where(pair, dr - mr, float("-inf"))), axis=1), axis=0)
+    et = tl.exp(tl.where(pair, dt - mt, float("-inf")))
+    st = tl.sum(tl.sum(et, axis=1), axis=0)
+    # log p_t - log p_r = (d_t - d_r) - (lse_t - lse_r), lse = m + log(s)
+    shift = (mt + tl.log(st)) - (mr + tl.log(sr))
+    log_ratio = tl.where(pair, (dt - dr) - shift, 0.0)
+    p_t = et / st
+    loss = tl.sum(tl.sum(p_t * log_ratio, axis=1), axis=0)
+    tl.store(loss_ptr, loss)
+    if NEED_GRAD:
+        # d KL(p_t || p_r) / d d_t = p_t * (log p_t - log p_r - KL); d_t(i,j) = (z_i - z_j) / tau.
+        gd = p_t * (log_ratio - loss)
+        g = (tl.sum(gd, axis=1) - tl.sum(gd, axis=0)) * inv_tau
+        tl.store(g_ptr + a, tl.where(used, g, 0.0))
+
+
+@triton.jit
+def _dbild_pairs_kernel(ref_ptr, trn_ptr, stride_r, stride_t, idx_ptr, k_ptr, loss_ptr, g_ptr, inv_tau,
+                        KM: tl.constexpr, NEED_GRAD: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    r_row = ref_ptr + row * stride_r
+    t_row = trn_ptr + row * stride_t
+    # A real loop (not static_range): one branch's tiles live at a time, halving registers.
+    for br in range(0, 2):
+        slot = row * 2 + br
+        k = tl.load(k_ptr + slot)
+        # The knee usually leaves k far below k_max: use the smallest of 16 / 32 / KM that holds k
+        # (the work is quadratic in the tile). Entries of g past the tile are never read (masked by k).
+        if KM <= 16:
+            _pair_branch(r_row, t_row, idx_ptr + slot * KM, k, loss_ptr + slot, g_ptr + slot * KM, inv_tau,
+                         KM, NEED_GRAD)
+        else:
+            if k <= 16:
+                _pair_branch(r_row, t_row, idx_ptr + slot * KM, k, loss_ptr + slot, g_ptr + slot * KM, inv_tau,
+                             16, NEED_GRAD)
+            else:
+                if KM <= 32:
+                    _pair_branch(r_row, t_row, idx_ptr + slot * KM, k, loss_ptr + slot, g_ptr + slot * KM,
+                                 inv_tau, KM, NEED_GRAD)
+                else:
+                    if k <= 32:
+                        _pair_branch(r_row, t_row, idx_ptr + slot * KM, k, loss_ptr + slot, g_ptr + slot * KM,
+                                     inv_tau, 32, NEED_GRAD)
+                    else:
+                        _pair_branch(r_row, t_row, idx_ptr + slot * KM, k, loss_ptr + slot, g_ptr + slot * KM,
+                                     inv_tau, KM, NEED_GRAD)
+
+
+@triton.jit
+def _dbild_scatter_kernel(grad_ptr, stride_g, idx_ptr, k_ptr, g_ptr, grad_out_ptr, inv_rows,
+                          KM: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    a = tl.arange(0, KM)
+    base = row * 2 * KM
+    k1 = tl.load(k_ptr + row * 2)
+    k2 = tl.load(k_ptr + row * 2 + 1)
+    u1 = a < k1
+    u2 = a < k2
+    i1 = tl.load(idx_ptr + base + a, mask=u1, other=-1)
+    i2 = tl.load(idx_ptr + base + KM + a, mask=u2, other=-2)
+    g1 = tl.load(g_ptr + base + a, mask=u1, other=0.0)
+    g2 = tl.load(g_ptr + base + KM + a, mask=u2, other=0.0)
+    scale = tl.load(grad_out_ptr).to(tl.float32) * inv_rows
+    # Both leading sets may hold the same vocabulary entry: add in float32 here and write each entry
+    # once, instead of two read-modify-writes (or atomics) on the low-precision gradient.
+    same = (i1[:, None] == i2[None, :]) & u1[:, None] & u2[None, :]
+    g1 = g1 + tl.sum(tl.where(same, g2[None, :], 0.0), axis=1)
+    dup2 = tl.max(same.to(tl.int32), axis=0) > 0
+    out = grad_ptr + row * stride_g
+    tl.store(out + i1, (g1 * scale).to(grad_ptr.dtype.element_ty), mask=u1)
+    tl.store(out + i2, (g2 * scale).to(grad_ptr.dtype.element_ty), mask=u2 & ~dup2)
+
+
+# --------------------------------------------------------------------------------------------- launch
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _window_config(vocab: int, candidates: int, itemsize: int, lanes: int | None, block_v: int | None,
+                   cap: int | None):
+    """(CAP, SUB, BLOCK) of the exact kernel and LANES of the lane-list kernel."""
+    c_pad = max(2, _next_pow2(candidates))
+    cap = max(4 * c_pad, 64) if cap is None else cap
+    sub = cap // 2
+    # SUB <= CAP - C guarantees a sub-block always fits after one compaction.
+    assert cap & (cap - 1) == 0 and 1 <= sub <= cap - candidates, (cap, candidates)
+    block = min(2048, max(_next_pow2(vocab), sub)) if block_v is None else block_v
+    assert block & (block - 1) == 0 and block >= sub, (block, sub)
+    if lanes is None:
+        # 1024 lanes x 4 keys (512 for float32, whose keys are int64) and never fewer lanes than C.
+        lanes = max(min(1024 if itemsize <= 2 else 512, _next_pow2(vocab)), c_pad, 16)
+    assert lanes & (lanes - 1) == 0 and (itemsize > 2 or vocab // lanes < 0xFFFF), (lanes, vocab)
+    return cap, sub, block, lanes
+
+
+# Launch shapes, chosen from ptxas reports for sm_90 (python -m recipe.kernels.compile_check), not yet
+# timed on a GPU (tests/perf/README.md). Lane kernel: 4 warps x 8 lanes (bf16/fp16) per thread, three
+# 2 KB blocks in flight, capped at 80 registers (no spills) -> 6 programs/SM; ~16.5 SASS instructions
+# per bf16 logit in the block loop. Exact kernel
+# (fallback rows only): capped at 96 (ptxas otherwise takes 128 for values hoisted out of the
+# compaction's sort). Pair kernel: the KM x KM tiles need 8 warps (KM=64) or 32 warps (KM=128).
+_LANE_WARPS, _LANE_MAXNREG = 4, 80
+_WINDOW_WARPS, _WINDOW_MAXNREG = 4, 96
+_INF_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00, torch.float32: 0x7F800000}
+
+
+def _pairs_launch(km: int) -> dict:
+    if km <= 32:
+        return {"num_warps": 4}
+    if km <= 64:
+        return {"num_warps": 8, "maxnreg": 128}
+    return {"num_warps": 32}
+
+
+def _scatter_warps(km: int) -> int:
+    return 4 if km <= 64 else 8
+
+
+def _launch_opts(opts: dict, device: torch.device) -> dict:
+    # maxnreg is an NVIDIA (ptxas) option: drop it for the interpreter and for ROCm.
+    if device.type != "cuda" or _interpreting() or torch.version.hip is not None:
+        opts = {k: v for k, v in opts.items() if k != "maxnreg"}
+    return opts
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _dbild_forward(ref, trainee, candidates, k_min, k_max, temperature, need_grad,
+                   lanes=None, block_v=None, cap=None, interp_path=None, exact_only=False):
+    """Run the window and pair kernels. Returns per-row losses (rows, 2) f32, k (rows, 2) int32,
+    leading indices (rows, 2, KM) int32 and, if need_grad, d loss_row / d gathered trainee logits
+    (rows, 2, KM) f32. Column 0 is the ref-led (teacher-led) branch, column 1 the trainee-led one.
+    lanes / block_v / cap / interp_path / exact_only: tiling and path overrides for tests."""
+    rows, vocab = ref.shape
+    candidates = min(candidates, vocab)
+    k_max = candidates if k_max is None else min(k_max, candidates)
+    km = max(2, _next_pow2(k_max))
+    dev = ref.device
+    scratch = torch.empty((rows, max(4 * _next_pow2(candidates), 64) if cap is None else cap),
+                          dtype=torch.int32, device=dev)  # reused by both inputs
+    ok = torch.zeros(rows, dtype=torch.int32, device=dev)
+    idx = torch.empty((rows, 2, km), dtype=torch.int32, device=dev)
+    k = torch.empty((rows, 2), dtype=torch.int32, device=dev)
+    losses = torch.empty((rows, 2), dtype=torch.float32, device=dev)
+    g = torch.empty((rows, 2, km) if need_grad else (1,), dtype=torch.float32, device=dev)
+    grid = (rows,)
+    interp = _interpreting() if interp_path is None else bool(interp_path)
+    for branch, lead in enumerate((ref, trainee)):
+        cap_, sub, block, lanes_ = _window_config(vocab, candidates, lead.element_size(), lanes, block_v, cap)
+        args = (lead, lead.stride(0), vocab, candidates, float(candidates - 1), k_min, k_max, scratch,
+                idx[:, branch], k[:, branch], ok)  # branch b writes idx[:, b], k[:, b]: row strides 2*KM, 2
+        if not exact_only:
+            _dbild_window_kernel[grid](*args, CAP=cap_, LANES=lanes_, KM=km, KEY64=lead.element_size() > 2,
+                                       INF_BITS=_INF_BITS[lead.dtype], INTERP=interp,
+                                       **_launch_opts({"num_warps": _LANE_WARPS, "maxnreg": _LANE_MAXNREG}, dev))
+        _dbild_window_exact_kernel[grid](*args, CAP=cap_, SUB=sub, BLOCK=block, KM=km, INTERP=interp,
+                                         **_launch_opts({"num_warps": _WINDOW_WARPS,
+                                                         "maxnreg": _WINDOW_MAXNREG}, dev))
+    _dbild_pairs_kernel[grid](ref, trainee, ref.stride(0), trainee.stride(0), idx, k, losses, g,
+                              1.0 / float(temperature), KM=km, NEED_GRAD=need_grad,
+                              **_launch_opts(_pairs_launch(km), dev))
+    return losses, k, idx, (g if need_grad else None), ok
+
+
+def _use_reference(ref: torch.Tensor, trainee: torch.Tensor, candidates: int) -> bool:
+    if ref.dtype not in _INF_BITS or trainee.dtype not in _INF_BITS:
+        return True  # float64 is for checking; the kernels compute in float32 from bf16/fp16/fp32
+    if min(candidates, ref.shape[-1]) > MAX_TRITON_CANDIDATES:
+        warnings.warn(f"dbild_loss_triton: candidates > {MAX_TRITON_CANDIDATES} runs the torch reference",
+                      stacklevel=3)
+        return True
+    return False
+
+
+def _prepare(ref, trainee):
+    if not (ref.device == trainee.device):
+        raise ValueError(f"ref and trainee must be on one device, got {ref.device} and {trainee.device}")
+    return ref.detach().contiguous(), trainee.contiguous()
+
+
+class DBiLDTritonFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ref, trainee, candidates, k_min, k_max, temperature):
+        need_grad = bool(ctx.needs_input_grad[1])
+        with torch.cuda.device(trainee.device) if trainee.is_cuda else contextlib.nullcontext():
+            losses, k, idx, g, _ = _dbild_forward(ref, trainee, candidates, k_min, k_max, temperature, need_grad)
+        ctx.save_for_backward(idx, k, g if need_grad else losses.new_empty(0))
+        ctx.shape, ctx.grad_dtype = trainee.shape, trainee.dtype
+        return losses.sum() / ref.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        idx, k, g = ctx.saved_tensors
+        rows, vocab = ctx.shape
+        # The only (rows x V) buffer: the gradient itself, in the trainee's dtype.
+        grad = torch.zeros((rows, vocab), dtype=ctx.grad_dtype, device=idx.device)
+        grad_out = grad_out.detach().to(torch.float32).contiguous()
+        km = idx.shape[-1]
+        with torch.cuda.device(grad.device) if grad.is_cuda else contextlib.nullcontext():
+            _dbild_scatter_kernel[(rows,)](grad, grad.stride(0), idx, k, g, grad_out, 1.0 / rows, KM=km,
+                                           num_warps=_scatter_warps(km))
+        return None, grad, None, None, None, None
+
+
+def dbild_loss_triton(ref, trainee, *, candidates=64, k_min=2, k_max=None, temperature=3.0) -> torch.Tensor:
+    """DBiLD(ref, trainee) with the fused kernels; same contract as `dbild_loss_torch`."""
+    check_logits(ref, trainee, candidates, k_min, k_max)
+    if ref.shape[0] == 0:
+        return trainee.sum() * 0.0
+    if _use_reference(ref, trainee, candidates):
+        return dbild_loss_torch(ref, trainee, candidates=candidates, k_min=k_min, k_max=k_max,
+                                temperature=temperature)
+    ref, trainee = _prepare(ref, trainee)
+    return DBiLDTritonFunction.apply(ref, trainee, int(candidates), int(k_min),
+                                     None if k_max is None else int(k_max), float(temperature))
+
+
+def dbild_branches_triton(ref, trainee, *, candidates=64, k_min=2, k_max=None, temperature=3.0,
+                          lanes=None, block_v=None, cap=None, interp_path=None, exact_only=False,
+                          return_fast_rows=False) -> dict[str, torch.Tensor]:
+    """Per-row branch losses and k, like `dbild_branches_torch` (for tests and diagnostics; no grad).
+
+    Overrides (powers of two) for tests: lanes (lane-list kernel), block_v and cap (exact kernel's
+    block and candidate-list sizes); exact_only skips the lane-list kernel; interp_path forces (True)
+    or disables (False) the interpreter-friendly formulation (default: on iff TRITON_INTERPRET=1), so
+    the compiled formulation can be run under the interpreter too. return_fast_rows adds "fast_rows":
+    per row, whether the trainee-led window was settled by the lane-list kernel."""
+    check_logits(ref, trainee, candidates, k_min, k_max)
+    if _use_reference(ref, trainee, candidates):
+        return dbild_branches_torch(ref, trainee, candidates=candidates, k_min=k_min, k_max=k_max,
+                                    temperature=temperature)
+    ref, trainee = _prepare(ref, trainee)
+    if ref.shape[0] == 0:
+        empty_k = torch.zeros(0, dtype=torch.long, device=ref.device)
+        empty_l = torch.zeros(0, dtype=torch.float32, device=ref.device)
+        return {"ref_led_k": empty_k, "ref_led_loss": empty_l, "trainee_led_k": empty_k,
+                "trainee_led_loss": empty_l}
+    with torch.no_grad():
+        losses, k, _, _, ok = _dbild_forward(ref, trainee, candidates, k_min, k_max, temperature, False,
+                                             lanes=lanes, block_v=block_v, cap=cap, interp_path=interp_path,
+                                             exact_only=exact_only)
+    k = k.long()
+    out = {"ref_led_k": k[:, 0], "ref_led_loss": losses[:, 0],
+           "trainee_led_k": k[:, 1], "trainee_led_loss": losses[:, 1]}
+    if return_fast_rows:
+        out["fast_rows"] = ok.bool()
+    return out

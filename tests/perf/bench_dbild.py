@@ -1,0 +1,182 @@
+"""DBiLD forward + backward: torch reference vs fused Triton kernels (see tests/perf/README.md).
+
+    python tests/perf/bench_dbild.py --rows 1024 4096 16384 --vocab 151936 --candidates 64 --dtype bf16
+    python tests/perf/bench_dbild.py --device cpu --rows 64 --vocab 4099     # interpreter smoke only
+
+On CUDA: CUDA-event timings (warm-up, then the median of --repeats), extra peak memory over the inputs
+(the gradient, which both implementations must produce, is shown beside it), and the fraction of the
+memory-bandwidth bound (read ref and trainee, write the gradient: 3 x rows x V x itemsize bytes at the
+device copy rate measured here). On CPU the kernels run under TRITON_INTERPRET=1 (set by this script):
+wall time only, a functional smoke check, not a performance number.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _parse():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1024, 4096, 16384])
+    ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--candidates", type=int, default=64)
+    ap.add_argument("--k-max", type=int, default=None, help="default: = candidates")
+    ap.add_argument("--temperature", type=float, default=3.0)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--repeats", type=int, default=None, help="timed iterations (default 20 on cuda, 1 on cpu)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed iterations (default 3 on cuda, 1 on cpu)")
+    ap.add_argument("--inputs", choices=["randn", "peaked"], default="randn",
+                    help="randn: i.i.d. logits (few blocks skipped: the top-C threshold rises slowly); "
+                         "peaked: a few dozen high logits per row over a Gaussian bulk, trainee = ref + noise")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = _parse()
+    if args.device == "cpu":
+        # Must precede the first import of triton / of the kernels module.
+        os.environ["TRITON_INTERPRET"] = "1"
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, repo)
+
+    import torch
+
+    from recipe.kernels import dbild_loss_triton, triton_available
+    from recipe.losses.dbild import dbild_loss_torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device: use --device cpu for the interpreter smoke run")
+    if not triton_available():
+        sys.exit("triton is not available")
+    repeats = args.repeats if args.repeats is not None else (20 if args.device == "cuda" else 1)
+    warmup = args.warmup if args.warmup is not None else (3 if args.device == "cuda" else 1)
+    dtype = getattr(torch, DTYPES[args.dtype])
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    kw = dict(candidates=args.candidates, k_max=args.k_max, temperature=args.temperature)
+    impls = {"torch": dbild_loss_torch, "triton": dbild_loss_triton}
+
+    copy_gbps = _copy_rate_gbps(torch, dev) if cuda else None
+    results = []
+    for rows in args.rows:
+        ref, trainee = _inputs(torch, rows, args.vocab, dtype, dev, args.inputs, args.seed)
+        itemsize = ref.element_size()
+        res = {"rows": rows, "vocab": args.vocab, "candidates": args.candidates, "k_max": args.k_max or args.candidates,
+               "dtype": args.dtype, "device": args.device, "inputs": args.inputs, "repeats": repeats}
+        losses = {}
+        for name, fn in impls.items():
+            ms, loss, peak = _time(torch, fn, ref, trainee, kw, warmup, repeats, cuda)
+            losses[name] = loss
+            res[f"{name}_ms"] = round(ms, 4)
+            if cuda:
+                res[f"{name}_extra_peak_GB"] = round(peak / 1e9, 4)
+        res["loss_abs_diff"] = abs(losses["torch"] - losses["triton"])
+        if cuda:
+            res["speedup"] = round(res["torch_ms"] / res["triton_ms"], 2)
+            res["grad_GB"] = round(rows * args.vocab * trainee.element_size() / 1e9, 4)
+            res["copy_GBps"] = round(copy_gbps, 1)
+            res["bound_ms"] = round(3 * rows * args.vocab * itemsize / (copy_gbps * 1e9) * 1e3, 4)
+            res["triton_frac_of_bound"] = round(res["bound_ms"] / res["triton_ms"], 3)
+        results.append(res)
+        del ref, trainee
+        if cuda:
+            torch.cuda.empty_cache()
+
+    _print_table(results, cuda)
+    for res in results:
+        print(json.dumps(res))
+
+
+def _inputs(torch, rows, vocab, dtype, dev, kind, seed):
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    ref = torch.randn(rows, vocab, generator=gen, device=dev) * 3.0
+    if kind == "peaked":
+        ref = ref * (2.0 / 3.0)
+        hot = torch.randint(0, vocab, (rows, 32), generator=gen, device=dev)
+        ref.scatter_(1, hot, 10.0 + 4.0 * torch.rand(rows, 32, generator=gen, device=dev))
+        trainee = ref + torch.randn(rows, vocab, generator=gen, device=dev)
+    else:
+        trainee = torch.randn(rows, vocab, generator=gen, device=dev) * 3.0
+    return ref.to(dtype), trainee.to(dtype).requires_grad_(True)
+
+
+def _copy_rate_gbps(torch, dev) -> float:
+    """Device copy rate (bytes read + written per second) on a 2 GiB buffer, median of 10."""
+    src = torch.empty(2**30 // 2, dtype=torch.float32, device=dev).normal_()
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(13):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        stop.record()
+        torch.cuda.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(stop) / 1e3)
+    del src, dst
+    return 2 * 2**30 / statistics.median(times) / 1e9
+
+
+def _time(torch, fn, ref, trainee, kw, warmup, repeats, cuda):
+    def step():
+        trainee.grad = None
+        loss = fn(ref, trainee, **kw)
+        loss.backward()
+        return loss
+
+    for _ in range(warmup):
+        step()
+    peak = None
+    if cuda:
+        torch.cuda.synchronize()
+        trainee.grad = None
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()  # the inputs (and nothing else of ours)
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    times, loss = [], None
+    for _ in range(repeats):
+        if cuda:
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            loss = step()
+            stop.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(stop))
+        else:
+            t0 = time.perf_counter()
+            loss = step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), float(loss.detach()), peak
+
+
+def _print_table(results, cuda):
+    if cuda:
+        head = ["rows", "vocab", "C", "dtype", "torch ms", "triton ms", "speedup", "bound ms", "bound / triton",
+                "torch extra GB", "triton extra GB", "grad GB", "|dloss|"]
+        rows = [[r["rows"], r["vocab"], r["candidates"], r["dtype"], r["torch_ms"], r["triton_ms"], r["speedup"],
+                 r["bound_ms"], f'{r["triton_frac_of_bound"]:.0%}', r["torch_extra_peak_GB"],
+                 r["triton_extra_peak_GB"], r["grad_GB"], f'{r["loss_abs_diff"]:.1e}'] for r in results]
+        print(f'copy rate {results[0]["copy_GBps"]} GB/s (read + write)' if results else "")
+    else:
+        head = ["rows", "vocab", "C", "dtype", "torch wall ms", "triton (interpreter) wall ms", "|dloss|"]
+        rows = [[r["rows"], r["vocab"], r["candidates"], r["dtype"], r["torch_ms"], r["triton_ms"],
+                 f'{r["loss_abs_diff"]:.1e}'] for r in results]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for row in rows:
+        print("| " + " | ".join(str(c) for c in row) + " |")
+
+
+if __name__ == "__main__":
+    main()
