@@ -59,17 +59,14 @@ QUESTIONS = {
 # Sample kinds: (share of the data, scene, question types). "*_multi" kinds ask two questions
 # about one image (the second without <image>), so label masking over several turns is exercised.
 KINDS = {
-    "color": (10, "one_shape", ["color"]),
-    "shape": (10, "one_shape", ["shape"]),
+    "color": (14, "one_shape", ["color"]),
+    "shape": (14, "one_shape", ["shape"]),
     "shape_multi": (8, "one_shape", ["color", "shape"]),
-    "shape_count": (7, "shapes", ["shape_count"]),
-    "position": (7, "placed_shape", ["position"]),
-    "digit": (16, "one_digit", ["digit"]),
-    "digit_count": (6, "digits", ["digit_count"]),
-    "digit_left": (6, "digit_pair", ["digit_left"]),
-    "digit_right": (5, "digit_pair", ["digit_right"]),
-    "digit_sum": (7, "digit_pair", ["digit_sum"]),
-    "digit_multi": (8, "digit_pair", ["digit_left", "digit_right", "digit_sum"]),
+    "shape_count": (10, "shapes", ["shape_count"]),
+    "position": (10, "placed_shape", ["position"]),
+    "digit": (20, "one_digit", ["digit"]),
+    "digit_count": (8, "digits", ["digit_count"]),
+    "digit_pair": (6, "digit_pair", ["digit_left", "digit_right"]),
     "arithmetic": (10, None, ["arithmetic"]),
 }
 

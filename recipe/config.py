@@ -78,7 +78,7 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     attention: str = "auto"  # auto: flash_attention_2 when installed on CUDA, else sdpa
     log_every: int = 1
-    eval_every: int = 0  # optimizer steps between evaluations on data.eval; 0: only at the end, if data.eval
+    eval_every: int = 0  # optimizer steps between evaluations on data.eval (0: none); always once at the end
     eval_max_new_tokens: int = 16
     eval_batch_size: int = 16
     eval_max_samples: int | None = None

@@ -83,6 +83,31 @@ def placeholder_batch(pad_id: int) -> dict:
             "labels": torch.full((1, 1), -100), "has_image": torch.zeros(1, dtype=torch.bool)}
 
 
+def evaluate_during_training(cfg, engine, student, tokenizer, step: int) -> dict:
+    """Exact-match accuracy of the student on data.eval; every rank answers its share (ZeRO-3 keeps
+    the ranks' generate calls in step), rank 0 gets the summary."""
+    import torch.distributed as dist
+
+    from recipe.data import ShardDataset
+    from recipe.evaluate import evaluate_model, format_summary, summarize
+    from recipe.models import load_image_processor
+
+    dataset = ShardDataset(cfg.data.eval)
+    count = len(dataset) if cfg.eval_max_samples is None else min(len(dataset), cfg.eval_max_samples)
+    results = evaluate_model(student, tokenizer, load_image_processor(cfg.student.path), dataset,
+                             range(T.rank(), count, T.world_size()), batch_size=cfg.eval_batch_size,
+                             max_new_tokens=cfg.eval_max_new_tokens, synced_gpus=engine.zero_optimization_stage() == 3,
+                             progress=False, template=cfg.data.template, max_length=cfg.data.max_length)
+    if dist.is_initialized():
+        gathered = [None] * T.world_size()
+        dist.all_gather_object(gathered, results)
+        results = [r for part in gathered for r in part]
+    summary = summarize(results)
+    if T.rank() == 0:
+        print(f"\n[eval] step {step}: {format_summary(summary)}", flush=True)
+    return {"step": step, "eval": summary}
+
+
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -181,6 +206,10 @@ def main(argv=None):
                         sps=f"{record['samples_per_s']:.1f}")
         bar.update(1)
 
+        if cfg.data.eval and cfg.eval_every and step % cfg.eval_every == 0 and step < max_steps:
+            metrics.write(evaluate_during_training(cfg, engine, student, tokenizer, step))
+            engine.train()
+
         stopping = T.any_rank(stop.requested, device)
         if step % cfg.save_every == 0 or stopping or step == max_steps:
             T.save_checkpoint(engine, checkpoint_dir, step, {"step": step, "sampler": sampler.state_dict()},
@@ -195,11 +224,18 @@ def main(argv=None):
     bar.close()
     assert last_saved == step
 
-    # ---- export
+    # ---- export, then a final evaluation (once: a rerun of a finished job finds final/eval.json)
     final_dir = os.path.join(cfg.output_dir, "final")
+    already_evaluated = os.path.exists(os.path.join(final_dir, "eval.json"))
     T.export_student(engine, student, final_dir, tokenizer, cfg.student.path)
     if is_main:
         print(f"[train] done: {step} steps; student exported to {final_dir}", flush=True)
+    if cfg.data.eval and not already_evaluated:
+        record = evaluate_during_training(cfg, engine, student, tokenizer, step)
+        metrics.write(record)
+        if is_main:
+            with open(os.path.join(final_dir, "eval.json"), "w") as f:
+                json.dump(record["eval"], f, indent=1)
     return 0
 
 
