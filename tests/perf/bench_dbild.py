@@ -109,7 +109,7 @@ def _inputs(torch, rows, vocab, dtype, dev, kind, seed):
 
 
 def _copy_rate_gbps(torch, dev) -> float:
-    """Device copy rate (bytes read + written per second) on a 2 GiB buffer, median of 10."""
+    """Device copy rate (bytes read + written per second) copying a 2 GiB buffer, median of 10."""
     src = torch.empty(2**30 // 2, dtype=torch.float32, device=dev).normal_()
     dst = torch.empty_like(src)
     times = []
@@ -121,8 +121,9 @@ def _copy_rate_gbps(torch, dev) -> float:
         torch.cuda.synchronize()
         if i >= 3:
             times.append(start.elapsed_time(stop) / 1e3)
+    moved = 2 * src.numel() * src.element_size()  # read src + write dst: 4 GiB per copy
     del src, dst
-    return 2 * 2**30 / statistics.median(times) / 1e9
+    return moved / statistics.median(times) / 1e9
 
 
 def _time(torch, fn, ref, trainee, kw, warmup, repeats, cuda):
