@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's main command: set up, build the embedded demo (data, tokenizer, tiny models), train the
 # demo teacher, distil the demo student from it with Switch-KD, then print the final losses and both
-# models' accuracy on the demo eval split. CPU is enough (a few minutes on 2 cores); a GPU is used if present.
+# models' accuracy on the demo eval split (the trainer evaluates on data.eval at the end of each run).
+# CPU is enough (about 10 minutes on 2 cores); a GPU is used if present.
 #
 #   bash launch/quickstart.sh
 #
@@ -32,16 +33,14 @@ bash launch/multinode.sh recipe/configs/demo_teacher.yaml
 step "distilling the demo student from it with Switch-KD (CE + DBiLD alignment + VSD)"
 bash launch/multinode.sh recipe/configs/demo_switchkd.yaml
 
-step "final losses (last optimizer step)"
+step "result"
 python - <<'PY'
 import json
+from recipe.evaluate import format_summary
 for run in ("runs/demo_teacher", "runs/demo_switchkd"):
-    last = [json.loads(line) for line in open(f"{run}/metrics.jsonl")][-1]
-    print(f"{run:22s} step {last['step']:4d}  loss {last['loss']:.4f}  ce {last['ce']:.4f}  "
+    records = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
+    last = [r for r in records if "loss" in r][-1]
+    print(f"{run}: step {last['step']}  loss {last['loss']:.4f}  ce {last['ce']:.4f}  "
           f"align {last['align']:.4f}  vsd {last['vsd']:.4f}")
+    print(f"  eval: {format_summary(json.load(open(f'{run}/final/eval.json')))}")
 PY
-
-step "accuracy on the demo eval split"
-for run in demo_teacher demo_switchkd; do
-  python -m recipe.evaluate --model runs/$run/final --data demo/data/eval --out runs/$run/eval.json
-done
