@@ -210,6 +210,62 @@ def test_compiled_formulation_under_interpreter(kw):
     torch.testing.assert_close(ours["trainee_led_loss"], want["trainee_led_loss"], rtol=1e-5, atol=1e-5)
 
 
+def _knee_by_reciprocal(window, k_min, k_max):
+    """knee_k as torch computes it on CUDA: there `tensor / python_scalar` is `tensor * (1 / scalar)`
+    (aten/src/ATen/native/cuda/BinaryDivTrueKernel.cu), so x_i = i * fl(1 / (C - 1)), off by an ulp
+    from i / (C - 1) at about half the i. Exact ties of the Kneedle score (common once the window holds
+    tied bf16/fp16 values) are then broken the other way: another k from the same window values."""
+    w = window.float()
+    count = w.shape[-1]
+    last, span = w[:, -1:], w[:, :1] - w[:, -1:]
+    y = torch.where(span > 0, (w - last) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(w))
+    x = torch.arange(count, dtype=torch.float32) * (torch.tensor(1.0) / torch.tensor(float(count - 1)))
+    return torch.clamp(torch.argmax((1.0 - x) - y, dim=-1) + 1, min=k_min, max=k_max)
+
+
+def _tie_heavy(case):
+    if case == "bf16_randn":  # tests/perf/check_dbild_gpu.py: rows 37, V 4099, bf16 randn * 3, C 64
+        ref, trainee = _logits(6, 4099, dtype=torch.bfloat16, seed=23)
+        return ref, trainee, dict(candidates=64), {}
+    ref, trainee = _logits(16, 1000, seed=0)
+    ref, trainee = ref.round(), trainee.round()  # coarse values: most windows end inside a run of ties
+    ref[:2] = 1.0  # constant rows: > CAP tied candidates, the exact kernel
+    ref, trainee = ref.half(), trainee.half()
+    if case == "fp16_ties":  # check_dbild_gpu.py: rows 64, V 1000, fp16 rounded, C 16, k_max 8
+        return ref, trainee, dict(candidates=16, k_max=8), {}
+    # the exact kernel alone, compacting many times with ties at its threshold; crowded 16-lane lists
+    return ref[:6], trainee[:6], dict(candidates=16, k_max=8), (dict(exact_only=True, block_v=128, cap=64)
+                                                         if case == "fp16_ties_exact" else dict(lanes=16))
+
+
+@pytest.mark.parametrize("case", ["bf16_randn", "fp16_ties", "fp16_ties_exact", "fp16_ties_crowded"])
+def test_compiled_formulation_on_tie_heavy_low_precision(case, ties_by_index):
+    """The GPU code path (tl.sort of the int64 keys, NaN-propagating block max, 16-bit lane keys and
+    their threshold search) on the low-precision cases that failed on the H200 check: many logits equal
+    to the C-th value, windows cut through runs of ties. The window (value desc, index asc) and k must
+    match the reference exactly, with k from the IEEE-division knee: the cases are chosen so that the
+    reciprocal-multiplication knee (torch's on CUDA) would give another k in some row."""
+    ref, trainee, kw, tiling = _tie_heavy(case)
+    c = kw["candidates"]
+    k_max = kw.get("k_max", c)
+    leads = []
+    for lead in (ref, trainee):
+        values, _ = _index_ordered_window(lead, c + 1)
+        leads.append(values.float())
+    assert any(bool((v[:, c - 1] == v[:, c]).any()) for v in leads)  # ties straddle the window edge
+    if case in ("bf16_randn", "fp16_ties"):
+        assert any(bool((reference.knee_k(v[:, :c], 2, k_max) != _knee_by_reciprocal(v[:, :c], 2, k_max)).any())
+                   for v in leads)
+    ours = kernels.dbild_branches_triton(ref, trainee, interp_path=False, return_fast_rows=True, **kw, **tiling)
+    if case == "fp16_ties_crowded":
+        assert not ours["fast_rows"].all()
+    want = dbild_branches_torch(ref, trainee, **kw)
+    for name in ("ref_led_k", "trainee_led_k"):
+        assert torch.equal(ours[name], want[name]), name
+    for name in ("ref_led_loss", "trainee_led_loss"):
+        torch.testing.assert_close(ours[name], want[name], rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ edge cases
 def test_ties_and_constant_rows():
     gen = torch.Generator().manual_seed(11)

@@ -40,7 +40,9 @@ def knee_k(window: torch.Tensor, k_min: int, k_max: int) -> torch.Tensor:
     span = first - last
     # A flat window (span 0) gives y = 0 everywhere, hence knee 0 and k = k_min.
     y = torch.where(span > 0, (w - last) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(w))
-    x = torch.arange(count, device=w.device, dtype=w.dtype) / (count - 1)
+    # Divide by a tensor: CUDA turns division by a Python scalar into multiplication by its reciprocal,
+    # which moves x by one ulp and, on windows with tied values, the first argmax with it.
+    x = torch.arange(count, device=w.device, dtype=w.dtype) / torch.full((), count - 1, device=w.device, dtype=w.dtype)
     knee = torch.argmax((1.0 - x) - y, dim=-1)  # argmax returns the first maximal index
     return torch.clamp(knee + 1, min=k_min, max=k_max)
 
