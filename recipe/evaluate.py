@@ -114,7 +114,9 @@ def generate_greedy(model, rows: list[dict], *, pad_token_id: int, stop_ids: lis
     output = model.generate(
         input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), pixel_values=pixel_values,
         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=stop_ids,
-        pad_token_id=pad_token_id, synced_gpus=synced_gpus)
+        pad_token_id=pad_token_id, synced_gpus=synced_gpus,
+        # An image placeholder in an answer is meaningless (and would break a later forward with pixels).
+        suppress_tokens=[model.config.image_token_id])
     continuations = []
     for tokens in output[:, length:].tolist():
         cut = next((k for k, token in enumerate(tokens) if token in stop_ids), len(tokens))

@@ -88,7 +88,9 @@ def plain_greedy_answer(model, tokenizer, image_processor, item) -> str:
     new = []
     with torch.no_grad():
         for _ in range(MAX_NEW_TOKENS):
-            token = int(model(input_ids=ids, pixel_values=pixels).logits[0, -1].argmax())
+            logits = model(input_ids=ids, pixel_values=pixels).logits[0, -1]
+            logits[model.config.image_token_id] = float("-inf")  # an answer never contains image tokens
+            token = int(logits.argmax())
             if token in stops:
                 break
             new.append(token)
