@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from assets import REPO, run_module
+from assets import REPO
 
 pytestmark = pytest.mark.slow
 TIMING_KEYS = {"samples_per_s", "tokens_per_s"}
