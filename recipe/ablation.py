@@ -108,7 +108,7 @@ def plot(results: dict, teacher: dict, run_dirs: dict, path: str) -> None:
         losses.plot(steps, ce, label=LABELS[arm])
     losses.set_xlabel("optimizer step")
     losses.set_ylabel("student CE (train)")
-    losses.set_title(f"Training CE, seed {os.path.basename(run_dirs[arms[0]][0])}")
+    losses.set_title(f"Training CE ({os.path.basename(run_dirs[arms[0]][0])})")
     losses.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
