@@ -10,14 +10,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/setup_env.sh
-if [[ ! -f demo/data/train/index.json ]]; then
-  python data_prep/make_demo_data.py --out demo/data
-fi
-for role in teacher student; do
-  if [[ ! -f demo/models/${role}_init/config.json ]]; then
-    seed=$([[ $role == teacher ]] && echo 0 || echo 1)
-    python -m recipe.models.tiny --preset demo-$role --tokenizer demo/data/tokenizer \
-      --out demo/models/${role}_init --seed "$seed"
-  fi
-done
+bash launch/build_demo.sh
 python -m recipe.ablation "$@"

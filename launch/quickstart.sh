@@ -15,18 +15,7 @@ export RECIPE_SKIP_SETUP=1  # multinode.sh: the environment is ready
 
 step() { echo; echo "==> $*"; }
 
-if [[ ! -f demo/data/train/index.json ]]; then
-  step "building demo data (LLaVA JSON + images -> shards, tokenizer) in demo/data"
-  python data_prep/make_demo_data.py --out demo/data
-fi
-for role in teacher student; do
-  if [[ ! -f demo/models/${role}_init/config.json ]]; then
-    step "writing the tiny random-init demo $role"
-    seed=$([[ $role == teacher ]] && echo 0 || echo 1)
-    python -m recipe.models.tiny --preset demo-$role --tokenizer demo/data/tokenizer \
-      --out demo/models/${role}_init --seed "$seed"
-  fi
-done
+bash launch/build_demo.sh
 
 step "training the demo teacher (SFT)"
 bash launch/multinode.sh recipe/configs/demo_teacher.yaml
