@@ -172,7 +172,6 @@ def main(argv=None):
     from tqdm import tqdm
     bar = tqdm(total=max_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
     engine.train()
-    last_saved = step
     while step < max_steps:
         started = time.time()
         lr = scheduler.get_last_lr()[0]  # the LR this step uses
@@ -214,7 +213,6 @@ def main(argv=None):
         if step % cfg.save_every == 0 or stopping or step == max_steps:
             T.save_checkpoint(engine, checkpoint_dir, step, {"step": step, "sampler": sampler.state_dict()},
                               cfg.keep_checkpoints)
-            last_saved = step
         if stopping and step < max_steps:
             if is_main:
                 print(f"\n[train] stop requested ({stop.signal_name or 'another rank'}): saved step {step}, "
@@ -222,7 +220,6 @@ def main(argv=None):
             bar.close()
             return 0
     bar.close()
-    assert last_saved == step
 
     # ---- export, then a final evaluation (once: a rerun of a finished job finds final/eval.json)
     final_dir = os.path.join(cfg.output_dir, "final")

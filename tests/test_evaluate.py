@@ -2,14 +2,13 @@
 a dataset whose correct answers are known by construction, the CLI, and synced generation under ZeRO-3."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from assets import REPO, run_module
+from assets import REPO, free_port, run_module
 from recipe.data import ShardDataset, convert_to_shards, encode_prompt
 from recipe.evaluate import evaluate_model, extract_answer, format_summary, normalize_answer, summarize
 from recipe.evaluate import main as evaluate_main
@@ -274,12 +273,6 @@ with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
     json.dump(results, f)
 torch.distributed.barrier()
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,16 +12,10 @@ import time
 import pytest
 import yaml
 
-from assets import REPO
+from assets import REPO, free_port
 
 pytestmark = pytest.mark.slow
 SLURM_DIR = os.environ.get("RECIPE_SLURM_DIR", "/tmp/recipe-slurm")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launcher_env(**extra) -> dict:

@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,16 +11,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from assets import REPO
+from assets import REPO, free_port
 
 pytestmark = pytest.mark.slow
 TIMING_KEYS = {"samples_per_s", "tokens_per_s"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(tmp_path, demo_assets, name, **overrides) -> tuple[str, str]:
