@@ -141,7 +141,7 @@ def test_identical_inputs_give_zero():
     # pair tiles: k <= 16 uses 16x16, 16 < k <= 32 uses 32x32, larger k the full KM x KM tile
     (3, 1000, dict(candidates=64, k_min=20, k_max=30)),
     (3, 1000, dict(candidates=64, k_min=40)),
-    (3, 4099, dict(candidates=64)),  # 4 full 1024-lane blocks + a 3-element tail
+    (3, 4099, dict(candidates=64)),  # 4 full 512-lane blocks (float32) + a 3-element tail
     (4, 1000, dict(candidates=16, lanes=16)),  # 4 keys x 16 lanes: rows fall back to the exact kernel
     # the exact (fallback) kernel alone: 2048-blocks + tail; tiny blocks and lists (many compactions)
     (3, 4099, dict(candidates=64, exact_only=True)),
@@ -171,10 +171,85 @@ def test_lane_kernel_settles_typical_rows_and_falls_back_when_needed(ties_by_ind
     parts = kernels.dbild_branches_triton(ref, trainee, candidates=64, return_fast_rows=True)
     assert parts["fast_rows"].all()  # i.i.d. rows: the one-pass lane lists are exact
     trainee[1] = 0.5  # constant row: 4099 tied candidates > CAP
-    trainee[2, ::1024] = 40.0  # 5 maxima in lane 0 of 1024: that lane may have dropped one
+    trainee[2, ::1024] = 40.0  # 3 maxima in lane 0 of 2048 (keeping 3 keys): it may have dropped one
     parts = kernels.dbild_branches_triton(ref, trainee, candidates=64, return_fast_rows=True)
     assert parts["fast_rows"].tolist() == [True, False, False, True, True, True]
     _compare(ref, trainee, loss_tol=1e-5, grad_rtol=1.6e-2, grad_atol=1e-4, candidates=64)
+
+
+@pytest.mark.parametrize("depth", [3, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["packed", "odd_vocab", "odd_offset"])
+def test_lane_kernel_depths_and_row_layouts(depth, dtype, layout, ties_by_index):
+    """Both list depths, on rows read as int32 pairs (even stride, 4-byte aligned) and element by
+    element (odd vocabulary; rows starting at an odd element)."""
+    vocab = {"packed": 1000, "odd_vocab": 1001, "odd_offset": 1000}[layout]
+    ref, trainee = _logits(4, vocab + 1, dtype=dtype, seed=31)
+    if layout == "odd_offset":
+        ref, trainee = ref[:, 1:], trainee[:, 1:]
+    else:
+        ref, trainee = ref[:, :vocab].contiguous(), trainee[:, :vocab].contiguous()
+    assert kt._packed_rows(ref, trainee) == (layout == "packed")
+    parts = kernels.dbild_branches_triton(ref, trainee, candidates=16, lanes=64, depth=depth, return_fast_rows=True)
+    assert parts["fast_rows"].all()
+    want = dbild_branches_torch(ref, trainee, candidates=16)
+    for name in ("ref_led_k", "trainee_led_k"):
+        assert torch.equal(parts[name], want[name]), name
+    for name in ("ref_led_loss", "trainee_led_loss"):
+        torch.testing.assert_close(parts[name], want[name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("interp_path", [True, False])
+def test_threshold_search_from_the_shared_high_bits(interp_path, ties_by_index):
+    """The bit search for t starts below the bits shared by the row maximum and the least of C group
+    maxima: all-negative rows, rows whose top C straddle zero, rows whose top 2C values are equal
+    (maximum = lower bound: nothing to search) and rows spanning many powers of two."""
+    gen = torch.Generator().manual_seed(41)
+    ref, trainee = _logits(5, 600, dtype=torch.bfloat16, seed=41)
+    trainee[0] = -trainee[0].abs() - 3.0  # maximum and bound negative: the sign bit is shared
+    trainee[1] = -trainee[1].abs()
+    trainee[1, :20] = trainee[1, :20].abs() + 0.01  # positive maximum, negative bound: the whole search
+    trainee[2, :] = -1.0
+    trainee[2, ::16] = 2.5  # one maximum in each group of 16 lanes (the interpreter's grouping): bound = maximum
+    trainee[2, 8::64] = 2.0
+    trainee[3] = torch.exp2(torch.randn(600, generator=gen) * 3).to(torch.bfloat16)
+    ours = kernels.dbild_branches_triton(ref, trainee, candidates=16, lanes=256, interp_path=interp_path,
+                                         return_fast_rows=True)
+    assert ours["fast_rows"].all()
+    want = dbild_branches_torch(ref, trainee, candidates=16)
+    for name in ("ref_led_k", "trainee_led_k"):
+        assert torch.equal(ours[name], want[name]), name
+    for name in ("ref_led_loss", "trainee_led_loss"):
+        torch.testing.assert_close(ours[name], want[name], rtol=1e-5, atol=1e-5)
+
+
+def test_fallback_threshold_start():
+    """The exact kernel starts from the float32 just below the lane kernel's t (x > it <=> x >= t), or
+    from no bound where t is -inf, zero or NaN."""
+    @triton.jit  # defined here, where TRITON_INTERPRET=1 is set (jit picks the interpreter at definition)
+    def _below_kernel(t_ptr, out_ptr):
+        i = triton.language.program_id(0)
+        triton.language.store(out_ptr + i, kt._below(triton.language.load(t_ptr + i)))
+
+    t = torch.tensor([1.0, -1.0, 3.5e-38, -3.5e-38, 7e4, float("inf"), 0.0, -0.0, float("-inf"), float("nan")])
+    out = torch.empty_like(t)
+    _below_kernel[(t.numel(),)](t, out)
+    want = torch.nextafter(t, torch.tensor(float("-inf")))
+    want[6:] = float("nan")
+    torch.testing.assert_close(out, want, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy's inf - inf
+def test_bfloat16_infinite_logits():
+    """bfloat16 rows spot NaNs through a float32 sum of the row: -inf alone keeps the fast path, +inf with
+    -inf (a NaN sum) sends the row to the exact kernel; both match the reference."""
+    ref, trainee = _logits(4, 1000, dtype=torch.bfloat16, seed=43)
+    trainee[0, 1::7] = float("-inf")
+    trainee[1, 3] = float("inf")
+    trainee[1, 10::9] = float("-inf")
+    parts = kernels.dbild_branches_triton(ref, trainee, candidates=16, return_fast_rows=True)
+    assert parts["fast_rows"].tolist() == [True, False, True, True]
+    _compare(ref, trainee, loss_tol=1e-5, grad_rtol=1.6e-2, grad_atol=1e-4, equal_nan=True, candidates=16)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -387,8 +462,10 @@ def _ptxas_available() -> bool:
 @pytest.mark.skipif(not _ptxas_available(), reason="triton's NVIDIA backend (bundled ptxas) is not installed")
 def test_kernels_compile_for_sm90():
     """The real compiler (no GPU needed), which the interpreter does not exercise: bf16, C = k_max = 64,
-    with the launch options the wrappers use; no spills beyond a few dozen bytes. Also Triton's
-    launch-time check of the globals the kernels read."""
+    with the launch options the wrappers use; no spills beyond a few dozen bytes, none in the lane
+    kernel's block loop, which stays at 2 * DEPTH - 1 integer min/max and ~13 SASS instructions per
+    logit (the loop is ALU-issue bound: see tests/perf/README.md). Also Triton's launch-time check of
+    the globals the kernels read."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, "-m", "recipe.kernels.compile_check", "--dtypes", "bf16", "--km", "64"],
@@ -399,6 +476,11 @@ def test_kernels_compile_for_sm90():
                                               "_dbild_pairs_kernel", "_dbild_scatter_kernel"}
     for r in reports:
         assert r["spill_store_bytes"] <= 128, r
+    (lane,) = [r for r in reports if r["kernel"] == "_dbild_window_kernel"]
+    ops, logits = lane["block_loop_opcodes"], lane["LANES"] // (32 * lane["num_warps"])
+    assert not {"LDL", "STL"} & set(ops), ops
+    assert ops.get("VIMNMX", 0) + ops.get("IMNMX", 0) == (2 * lane["DEPTH"] - 1) * logits, ops
+    assert lane["block_loop_sass_per_logit"] <= 14, lane
 
 
 @pytest.mark.skipif(IN_PROCESS, reason="the kernels run in this process")

@@ -36,7 +36,41 @@ def _ptxas_report(ptx: str, arch: int) -> dict:
             "spill_load_bytes": int(spill.group(2)) if spill else None}
 
 
-def _compile(fn, signature: dict, constexprs: dict, divisible: tuple, options: dict, arch: int) -> dict:
+def _block_loop_mix(cubin: bytes, logits_per_iteration: int) -> dict:
+    """SASS of the loop that loads the row (the backward branch whose body holds the LDG): instructions
+    per logit per thread and the opcode counts, from the nvdisasm bundled with triton."""
+    import triton
+
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        listing = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True, check=True).stdout
+    instructions, labels = [], {}
+    for line in listing.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(instructions)
+        code = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line)
+        if code:
+            instructions.append(re.sub(r"^@!?U?P\w+\s+", "", code.group(1)))
+    loops = []
+    for end, text in enumerate(instructions):
+        target = re.search(r"BRA\s.*?(\.L_x_\d+)", text)
+        if target and labels.get(target.group(1), end + 1) <= end:
+            loops.append(instructions[labels[target.group(1)]:end + 1])
+    body = max((b for b in loops if any(i.startswith("LDG") for i in b)), key=len, default=[])
+    opcodes: dict[str, int] = {}
+    for text in body:
+        op = text.split()[0].split(".")[0]
+        opcodes[op] = opcodes.get(op, 0) + 1
+    return {"block_loop_sass_per_logit": round(len(body) / logits_per_iteration, 2),
+            "block_loop_opcodes": dict(sorted(opcodes.items(), key=lambda kv: -kv[1]))}
+
+
+def _compile(fn, signature: dict, constexprs: dict, divisible: tuple, options: dict, arch: int,
+             loop_logits: int | None = None) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -49,6 +83,8 @@ def _compile(fn, signature: dict, constexprs: dict, divisible: tuple, options: d
     report = {"kernel": fn.__name__, **{k: v for k, v in constexprs.items()}, **options,
               "shared_bytes": kernel.metadata.shared}
     report.update(_ptxas_report(kernel.asm["ptx"], arch))
+    if loop_logits:
+        report.update(_block_loop_mix(kernel.asm["cubin"], loop_logits))
     return report
 
 
@@ -75,19 +111,23 @@ def compile_all(dtypes=("bf16",), kms=(64,), arch: int = 90) -> list[dict]:
     import torch
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    window_sig = {"x_ptr": "*{dt}", "stride_x": "i32", "V": "i32", "C": "i32", "c_minus_1": "fp32", "K_MIN": "i32",
-                  "K_MAX": "i32", "scratch_ptr": "*i32", "idx_out_ptr": "*i32", "k_out_ptr": "*i32", "ok_ptr": "*i32"}
-    window_div = ("x_ptr", "stride_x", "V", "scratch_ptr", "idx_out_ptr", "k_out_ptr", "ok_ptr")
+    window_sig = {"x0_ptr": "*{dt}", "x1_ptr": "*{dt}", "stride0": "i32", "stride1": "i32", "first_slot": "i32",
+                  "V": "i32", "C": "i32", "c_minus_1": "fp32", "K_MIN": "i32", "K_MAX": "i32", "scratch_ptr": "*i32",
+                  "idx_out_ptr": "*i32", "k_out_ptr": "*i32", "ok_ptr": "*i32", "thr_ptr": "*fp32"}
+    window_div = ("x0_ptr", "x1_ptr", "stride0", "stride1", "V", "scratch_ptr", "idx_out_ptr", "k_out_ptr", "ok_ptr",
+                  "thr_ptr")
     for dt in dtypes:
         itemsize = torch_dtype[dt].itemsize
         for km in kms:
-            cap, sub, block, lanes = m._window_config(151936, km, itemsize, None, None, None)
+            cap, sub, block, lanes, depth = m._window_config(151936, km, itemsize, None, None, None)
             sig = {k: v.format(dt=dt) for k, v in window_sig.items()}
             reports.append(_compile(
                 m._dbild_window_kernel, sig,
-                {"CAP": cap, "LANES": lanes, "KM": km, "KEY64": itemsize > 2,
-                 "INF_BITS": m._INF_BITS[torch_dtype[dt]], "INTERP": False},
-                window_div, {"num_warps": m._LANE_WARPS, "maxnreg": m._LANE_MAXNREG}, arch))
+                {"CAP": cap, "LANES": lanes, "DEPTH": depth, "G": km, "KM": km, "KEY64": itemsize > 2,
+                 "PACKED": itemsize == 2, "SUM_NAN": dt == "bf16", "INF_BITS": m._INF_BITS[torch_dtype[dt]],
+                 "INTERP": False},
+                window_div, m._lane_launch(itemsize), arch,
+                loop_logits=lanes // (32 * m._lane_launch(itemsize)["num_warps"])))
             reports.append(_compile(
                 m._dbild_window_exact_kernel, sig,
                 {"CAP": cap, "SUB": sub, "BLOCK": block, "KM": km, "INTERP": False},

@@ -1,19 +1,22 @@
 """Fused Triton DBiLD (SPEC.md "DBiLD" and "Performance contract"); reference: recipe/losses/dbild.py.
 
-Forward, one program per row in each launch, each leading input (ref, then trainee) in turn:
+Forward: each window launch covers (rows, both leading inputs: ref, then trainee), one program each.
 
-1. `_dbild_window_kernel` reads the row once, as blocks of LANES (1024; 512 for float32) logits, three
-   blocks in flight, no branches: lane j keeps the 4 largest integer keys (value, then block, in one
-   int32 for 16-bit inputs) of the elements j, j + LANES, ... with a min/max insertion network
-   (~16 SASS instructions per bf16 logit). With t the C-th largest kept value, if no lane kept 4
-   keys >= t, every element >= t was kept: those candidates (about C) hold the exact top C, ties
-   included. They are sorted as int64 (value desc, index asc) keys, then come the Kneedle knee (the
-   reference's float32 formula with IEEE divisions, so argmax ties agree), k, and the first k_max
-   window indices. Otherwise (a crowded lane, > CAP tied candidates, +0.0 at the threshold, a NaN in
-   the row: well under 1% of rows for real-looking logits) the row is marked for:
+1. `_dbild_window_kernel` reads the row once, as blocks of LANES logits (16-bit rows as int32 pairs),
+   three blocks in flight, no branches: lane j keeps the DEPTH largest integer keys (value, then
+   block, in one int32 for 16-bit inputs) of the elements j, j + LANES, ... with a min/max insertion
+   network (bf16, C <= 64: 3 keys of 2048 lanes, ~9 ALU-pipe SASS instructions per logit, 5 of them
+   the integer min/max). With t the C-th largest kept value, if no lane kept DEPTH keys >= t, every
+   element >= t was kept: those candidates (about C) hold the exact top C, ties included. They are
+   sorted as int64 (value desc, index asc) keys, then come the Kneedle knee (the reference's float32
+   formula with IEEE divisions, so argmax ties agree), k, and the first k_max window indices.
+   Otherwise (a crowded lane, > CAP tied candidates, +0.0 at the threshold, a NaN in the row: ~0.5-1%
+   of rows for real-looking logits) the window is marked for:
 2. `_dbild_window_exact_kernel`, which rereads only those rows: an exact streaming top-C with a
    candidate list of CAP = 4 * C indices, appended to (cumsum positions) when a block beats the
-   threshold and compacted (sort, keep C, raise the threshold) when it would overflow.
+   threshold and compacted (sort, keep C, raise the threshold) when it would overflow. The threshold
+   starts just below the lane kernel's t (a lower bound of the C-th value), so most blocks only
+   take a max.
 3. `_dbild_pairs_kernel` gathers both models' logits at each branch's leading indices, builds the
    pair-difference softmaxes over i < j < k on a 16, 32 or KM-wide tile (the smallest holding k),
    the reverse KL and, when the trainee needs a gradient, d loss_row / d (gathered trainee logits):
@@ -22,10 +25,10 @@ Forward, one program per row in each launch, each leading input (ref, then train
 Backward: `_dbild_scatter_kernel` writes those <= 2*k_max values per row into a zeroed gradient in the
 trainee's dtype, adding the two branches in float32 where their leading sets share an entry.
 
-Memory besides the gradient, all O(rows x candidates): scratch int32 (rows, CAP), a flag per row,
-leading indices int32 (rows, 2, KM), k int32 (rows, 2), losses f32 (rows, 2), gathered gradients
-f32 (rows, 2, KM), with KM = next power of two >= k_max. float64 (or other non bf16/fp16/fp32) inputs
-and windows wider than MAX_TRITON_CANDIDATES run the torch reference instead.
+Memory besides the gradient, all O(rows x candidates): scratch int32 (rows, 2, CAP), a flag and a
+threshold per window, leading indices int32 (rows, 2, KM), k int32 (rows, 2), losses f32 (rows, 2),
+gathered gradients f32 (rows, 2, KM), with KM = next power of two >= k_max. float64 (or other non
+bf16/fp16/fp32) inputs and windows wider than MAX_TRITON_CANDIDATES run the torch reference instead.
 """
 from __future__ import annotations
 
@@ -50,8 +53,6 @@ MAX_TRITON_CANDIDATES = 128
 # at every launch), so no NaN here: NaN is spelled float("nan") inside the kernels.
 _KEY_EMPTY = tl.constexpr(-(2**63))
 _KEY32_MIN = tl.constexpr(-(2**31))
-_KEY32_MAX = tl.constexpr(2**31 - 1)
-_KEY_FULL = tl.constexpr(2**63 - 1)
 _LOW31 = tl.constexpr(0x7FFFFFFF)
 
 
@@ -218,21 +219,92 @@ def _finish_window(row_ptr, buf_ptr, fill, C, c_minus_1, K_MIN, K_MAX, idx_out_p
 
 # --------------------------------------------------------------------------------------------- lane lists
 @triton.jit
-def _lane_key(x, b, KEY64: tl.constexpr):
-    """Integer key of each loaded logit, ordered like (value desc, block asc): the float bits in the
-    high half, turned into a signed integer monotone in the value (negative values get their
-    magnitude bits flipped), and 0xFFFF - b (float32: 2^31 - 1 - b in an int64) in the low half.
+def _pair_bits(x_row, start, wl, V, live, MASKED: tl.constexpr, PACKED: tl.constexpr, KEY64: tl.constexpr):
+    """Elements start + 2 wl ("lo") and start + 2 wl + 1 ("hi") of a row as integers: float32 bits, or
+    16-bit bits sign-extended to int32. PACKED (16-bit rows at even, 4-byte aligned offsets) loads each
+    pair as one int32 word: the halves then come apart with two shifts, and keeping words in flight
+    costs 32-bit moves rather than a byte permute per logit. Unmasked loads take one scalar predicate,
+    live, which keeps them vectorised."""
+    if PACKED:
+        w = tl.load(x_row.to(tl.pointer_type(tl.int32), bitcast=True) + start // 2 + wl, mask=live, other=0,
+                    eviction_policy="evict_first")
+        lo = (w << 16) >> 16
+        hi = w >> 16
+    else:
+        offs = start + 2 * wl[:, None] + tl.arange(0, 2)[None, :]
+        if MASKED:
+            x = tl.load(x_row + offs, mask=offs < V, other=0.0, eviction_policy="evict_first")
+        else:
+            x = tl.load(x_row + offs, mask=live, other=0.0, eviction_policy="evict_first")
+        if KEY64:
+            bits = x.to(tl.int32, bitcast=True)
+        else:
+            bits = x.to(tl.int16, bitcast=True).to(tl.int32)
+        lo, hi = tl.split(bits)
+    return lo, hi
+
+
+@triton.jit
+def _lane_key(s, b, KEY64: tl.constexpr):
+    """Integer key of a logit (bits s from `_pair_bits`) in block b, ordered like (value desc, block asc):
+    the value bits in the high half, turned into a signed integer monotone in the value (negative values
+    get their magnitude bits flipped), and 0xFFFF - b (float32: 2^31 - 1 - b in an int64) in the low half.
     Raw IEEE order, so -0.0 < +0.0 and a negative NaN sorts last: the kernel checks for the few rows
-    where that differs from torch's order and leaves them to the exact kernel."""
+    where that differs from torch's order and leaves them to the exact kernel. The 16-bit form is one
+    multiply-add (FMA pipe: s * 2^16 has a zero low half) and one xor with the sign-extended s."""
     b = b + tl.zeros((), dtype=tl.int32)  # a tensor even where the interpreter passes a Python int
     if KEY64:
-        s = x.to(tl.int32, bitcast=True)
         o = s ^ ((s >> 31) & 0x7FFFFFFF)
         key = (o.to(tl.int64) << 32) | (b ^ 0x7FFFFFFF).to(tl.int64)
     else:
-        s = x.to(tl.int16, bitcast=True).to(tl.int32) << 16
-        key = (s ^ ((s >> 31) & 0x7FFF0000)) | (0xFFFF - b)
+        key = (s * 65536 + (0xFFFF - b)) ^ (s & 0x7FFF0000)
     return key
+
+
+@triton.jit
+def _insert(k1, k2, k3, k4, key, DEPTH: tl.constexpr):
+    """Sorted insertion into a lane's k1 >= k2 >= k3 (>= k4 when DEPTH is 4); keys of one lane are
+    distinct (different blocks). 2 * DEPTH - 1 integer min/max per logit: the loop's main cost."""
+    if DEPTH == 4:
+        k4 = tl.maximum(k4, tl.minimum(key, k3))
+    k3 = tl.maximum(k3, tl.minimum(key, k2))
+    k2 = tl.maximum(k2, tl.minimum(key, k1))
+    k1 = tl.maximum(k1, key)
+    return k1, k2, k3, k4
+
+
+@triton.jit
+def _absorb_pair(lists_lo, lists_hi, lo, hi, b, nan_sum, kmin, valid_lo, valid_hi,
+                 DEPTH: tl.constexpr, KEY64: tl.constexpr, SUM_NAN: tl.constexpr, MASKED: tl.constexpr):
+    """One block: both halves into their lane lists, and the NaN bookkeeping. bfloat16 (SUM_NAN) adds
+    the values (s * 2^16 is the float32 of a bfloat16) in float32, which turns NaN for a NaN logit (or
+    +inf with -inf, which only costs the exact kernel a row): FMA-pipe work instead of a running min."""
+    a1, a2, a3, a4 = lists_lo
+    c1, c2, c3, c4 = lists_hi
+    key_lo = _lane_key(lo, b, KEY64)
+    key_hi = _lane_key(hi, b, KEY64)
+    if SUM_NAN:
+        nan_sum += (lo * 65536).to(tl.float32, bitcast=True) + (hi * 65536).to(tl.float32, bitcast=True)
+    else:
+        if MASKED:
+            kmin = tl.minimum(kmin, tl.minimum(tl.where(valid_lo, key_lo, kmin), tl.where(valid_hi, key_hi, kmin)))
+        else:
+            kmin = tl.minimum(kmin, tl.minimum(key_lo, key_hi))
+    if MASKED:
+        key_lo = tl.where(valid_lo, key_lo, _key_min(KEY64))
+        key_hi = tl.where(valid_hi, key_hi, _key_min(KEY64))
+    a1, a2, a3, a4 = _insert(a1, a2, a3, a4, key_lo, DEPTH)
+    c1, c2, c3, c4 = _insert(c1, c2, c3, c4, key_hi, DEPTH)
+    return (a1, a2, a3, a4), (c1, c2, c3, c4), nan_sum, kmin
+
+
+@triton.jit
+def _key_min(KEY64: tl.constexpr):
+    if KEY64:
+        v = tl.full((), _KEY_EMPTY, tl.int64)
+    else:
+        v = tl.full((), _KEY32_MIN, tl.int32)
+    return v
 
 
 @triton.jit
@@ -246,30 +318,51 @@ def _key_value_bits(key, KEY64: tl.constexpr):
 
 
 @triton.jit
-def _value_threshold(k1, k2, k3, k4, C, KEY64: tl.constexpr):
+def _count_at_least(k1, k2, k3, k4, t, DEPTH: tl.constexpr):
+    """How many lane keys are >= t. (Summed in float32, exact here: integer adds are overflow-checked,
+    hence slow, in the CPU interpreter.)"""
+    n = (k1 >= t).to(tl.float32) + (k2 >= t).to(tl.float32) + (k3 >= t).to(tl.float32)
+    if DEPTH == 4:
+        n += (k4 >= t).to(tl.float32)
+    return tl.sum(n, axis=0)
+
+
+@triton.jit
+def _value_threshold(k1, k2, k3, k4, C, LANES: tl.constexpr, G: tl.constexpr, DEPTH: tl.constexpr,
+                     KEY64: tl.constexpr):
     """The C-th largest kept value, as the smallest key carrying it (block half zero): the largest t of
-    that form with #{lane keys >= t} >= C, built bit by bit from the sign bit down through the value
-    half (two's complement: setting a lower bit always increases t). There are always >= C real keys.
-    `key >= t` then means "value >= that value", all the exactness argument needs. (Counts are summed
-    in float32, exact here: integer adds are overflow-checked, hence slow, in the CPU interpreter.)"""
+    that form with #{lane keys >= t} >= C, built bit by bit (two's complement: setting a lower bit always
+    increases t). There are always >= C real keys. `key >= t` then means "value >= that value", all the
+    exactness argument needs.
+
+    The search starts below the bits that the row maximum M and a lower bound L of t share (every value
+    in [L, M], t included, has them): L is the least of the maxima of G >= C groups of lanes, as G
+    distinct elements are >= it. For real rows the two share sign and exponent: ~7 steps instead of 15."""
     if KEY64:
         zero = tl.zeros((), dtype=tl.int64)
         one = tl.full((), 1, tl.int64)
-        lowest = tl.full((), _KEY_EMPTY, tl.int64)
+        value_mask = tl.full((), -(2**32), tl.int64)
         nbits = 64
     else:
         zero = tl.zeros((), dtype=tl.int32)
         one = tl.full((), 1, tl.int32)
-        lowest = tl.full((), _KEY32_MIN, tl.int32)
+        value_mask = tl.full((), -(2**16), tl.int32)
         nbits = 32
-    n = tl.sum((k1 >= zero).to(tl.float32) + (k2 >= zero).to(tl.float32) + (k3 >= zero).to(tl.float32)
-               + (k4 >= zero).to(tl.float32), axis=0)
-    t = tl.where(n >= C, zero, lowest)
-    for i in range(1, nbits // 2):
-        cand = t | (one << (nbits - 1 - i))
-        n = tl.sum((k1 >= cand).to(tl.float32) + (k2 >= cand).to(tl.float32) + (k3 >= cand).to(tl.float32)
-                   + (k4 >= cand).to(tl.float32), axis=0)
-        t = tl.where(n >= C, cand, t)
+    hi = tl.max(k1, axis=0) & value_mask
+    lo = tl.min(tl.max(tl.reshape(k1, (G, LANES // G), can_reorder=True), axis=1), axis=0) & value_mask
+    diff = hi ^ lo
+    if diff < 0:  # different signs: search every bit, the sign first
+        t = tl.where(_count_at_least(k1, k2, k3, k4, zero, DEPTH) >= C, zero, _key_min(KEY64))
+        first = tl.full((), nbits - 2, tl.int32)
+    else:
+        # Highest differing bit, from the float32 exponent of diff (rounding up only starts one bit higher);
+        # hi == lo: no value bit left to search (bit nbits/2 - 1 is the block half's).
+        top = ((diff.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        first = tl.minimum(tl.where(diff == 0, nbits // 2 - 2, top), nbits - 2)
+        t = hi & ~((one << (first + 1)) - 1)
+    for i in range(nbits - 2 - first, nbits // 2):
+        cand = t | (one << (nbits - 2 - i))
+        t = tl.where(_count_at_least(k1, k2, k3, k4, cand, DEPTH) >= C, cand, t)
     return t
 
 
@@ -286,93 +379,132 @@ def _append_lane_keys(t, key, lane, fill, buf_ptr, LANES: tl.constexpr, KEY64: t
     return fill + tl.sum(q.to(tl.int32), axis=0)
 
 
+@triton.jit
+def _key_float(t, x_row, KEY64: tl.constexpr):
+    """The float32 value of a threshold key's value half (the inverse of the ordering transform)."""
+    if KEY64:
+        o = (t >> 32).to(tl.int32)
+        v = (o ^ ((o >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    else:
+        o = t >> 16
+        bits = (o ^ ((o >> 31) & 0x7FFF)).to(tl.int16)
+        v = bits.to(x_row.dtype.element_ty, bitcast=True).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _below(t):
+    """The largest float32 below t, where the exact kernel starts its strict threshold (x > it means
+    x >= t). NaN (no start: every element qualifies) when t is -inf (elements equal to it must pass),
+    zero (the float below is a denormal, which a flushing compare would take for -0.0) or NaN."""
+    bits = t.to(tl.int32, bitcast=True)
+    bits = tl.where(t > 0, bits - 1, bits + 1)
+    return tl.where((t == float("-inf")) | (t == 0) | (t != t), float("nan"), bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _program_input(x0_ptr, x1_ptr, stride0, stride1, first_slot):
+    """Grid (rows, inputs): axis 1 picks the leading input (ref, then trainee) and its output slot."""
+    row = tl.program_id(0).to(tl.int64)
+    which = tl.program_id(1)
+    if which == 0:
+        x_row = x0_ptr + row * stride0
+    else:
+        x_row = x1_ptr + row * stride1
+    return row, x_row, first_slot + which
+
+
 # --------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _dbild_window_kernel(x_ptr, stride_x, V, C, c_minus_1, K_MIN, K_MAX, scratch_ptr, idx_out_ptr, k_out_ptr,
-                         ok_ptr, CAP: tl.constexpr, LANES: tl.constexpr, KM: tl.constexpr,
-                         KEY64: tl.constexpr, INF_BITS: tl.constexpr, INTERP: tl.constexpr):
-    """Window, knee and k of one leading input (launched once for ref, once for the trainee).
+def _dbild_window_kernel(x0_ptr, x1_ptr, stride0, stride1, first_slot, V, C, c_minus_1, K_MIN, K_MAX,
+                         scratch_ptr, idx_out_ptr, k_out_ptr, ok_ptr, thr_ptr,
+                         CAP: tl.constexpr, LANES: tl.constexpr, DEPTH: tl.constexpr, G: tl.constexpr,
+                         KM: tl.constexpr, KEY64: tl.constexpr, PACKED: tl.constexpr, SUM_NAN: tl.constexpr,
+                         INF_BITS: tl.constexpr, INTERP: tl.constexpr):
+    """Window, knee and k of one leading input per program (grid: rows x inputs).
 
-    One pass, branch-free: the row is read as blocks of LANES logits and lane j keeps the 4 largest
+    One pass, branch-free: the row is read as blocks of LANES logits and lane j keeps the DEPTH largest
     keys of its column (elements j, j + LANES, ...) with a min/max insertion network. Let t be the
-    C-th largest kept value. Unless some lane kept 4 keys >= t (it may have dropped one more), every
+    C-th largest kept value. Unless some lane kept DEPTH keys >= t (it may have dropped one more), every
     element of the row with value >= t is kept, so those candidates hold the exact top C (ties
     included), which `_finish_window` sorts. Otherwise, or when ties leave more than CAP candidates,
-    ok[row] = 0 and `_dbild_window_exact_kernel` redoes the row. For i.i.d. logits, 4 of the top 64
-    share one of 1024 lanes in well under 0.1% of rows."""
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_x
-    lane = tl.arange(0, LANES)
-    if KEY64:
-        empty = tl.full((LANES,), _KEY_EMPTY, tl.int64)
-        full = tl.full((LANES,), _KEY_FULL, tl.int64)
-    else:
-        empty = tl.full((LANES,), _KEY32_MIN, tl.int32)
-        full = tl.full((LANES,), _KEY32_MAX, tl.int32)
-    kmin = full  # only to spot negative NaNs, which raw IEEE order puts last and torch first
-    k1 = empty
-    k2 = empty
-    k3 = empty
-    k4 = empty
+    ok = 0 and `_dbild_window_exact_kernel` redoes the row. For i.i.d. logits and C = 64, DEPTH 3 of
+    2048 lanes leaves ~0.5% of rows to it, DEPTH 4 of 1024 lanes well under 0.1%."""
+    row, x_row, slot = _program_input(x0_ptr, x1_ptr, stride0, stride1, first_slot)
+    WL: tl.constexpr = LANES // 2
+    wl = tl.arange(0, WL)
+    empty = tl.zeros((WL,), dtype=tl.int64 if KEY64 else tl.int32) + _key_min(KEY64)
+    lists_lo = (empty, empty, empty, empty)
+    lists_hi = (empty, empty, empty, empty)
+    nan_sum = tl.zeros((WL,), dtype=tl.float32)
+    kmin = ~empty  # the largest key; a running minimum to spot negative NaNs (torch ranks them first)
     n_full = V // LANES
-    # Unmasked full blocks (a scalar mask keeps the loads vectorised), three blocks in flight.
-    nxt1 = tl.load(x_row + lane, mask=n_full > 0, other=0.0, eviction_policy="evict_first")
-    nxt2 = tl.load(x_row + LANES + lane, mask=n_full > 1, other=0.0, eviction_policy="evict_first")
-    nxt3 = tl.load(x_row + 2 * LANES + lane, mask=n_full > 2, other=0.0, eviction_policy="evict_first")
+    # Full blocks, three in flight: each iteration consumes one and issues the load of the third next.
+    nxt1 = _pair_bits(x_row, 0, wl, V, n_full > 0, False, PACKED, KEY64)
+    nxt2 = _pair_bits(x_row, LANES, wl, V, n_full > 1, False, PACKED, KEY64)
+    nxt3 = _pair_bits(x_row, 2 * LANES, wl, V, n_full > 2, False, PACKED, KEY64)
     for b in range(0, n_full):
-        key = _lane_key(nxt1, b, KEY64)
+        lo, hi = nxt1
         nxt1 = nxt2
         nxt2 = nxt3
-        nxt3 = tl.load(x_row + (b + 3) * LANES + lane, mask=b + 3 < n_full, other=0.0,
-                       eviction_policy="evict_first")
-        # Sorted insertion k1 >= k2 >= k3 >= k4 (keys of one lane are distinct: different blocks).
-        k4 = tl.maximum(k4, tl.minimum(key, k3))
-        k3 = tl.maximum(k3, tl.minimum(key, k2))
-        k2 = tl.maximum(k2, tl.minimum(key, k1))
-        k1 = tl.maximum(k1, key)
-        kmin = tl.minimum(kmin, key)
-    offs = n_full * LANES + lane
-    x = tl.load(x_row + offs, mask=offs < V, other=0.0)
-    key = _lane_key(x, n_full, KEY64)
-    kmin = tl.minimum(kmin, tl.where(offs < V, key, full))
-    key = tl.where(offs < V, key, empty)
-    k4 = tl.maximum(k4, tl.minimum(key, k3))
-    k3 = tl.maximum(k3, tl.minimum(key, k2))
-    k2 = tl.maximum(k2, tl.minimum(key, k1))
-    k1 = tl.maximum(k1, key)
-
-    t = _value_threshold(k1, k2, k3, k4, C, KEY64)
-    n_cand = tl.sum((k1 >= t).to(tl.float32) + (k2 >= t).to(tl.float32) + (k3 >= t).to(tl.float32)
-                    + (k4 >= t).to(tl.float32), axis=0).to(tl.int32)
+        nxt3 = _pair_bits(x_row, (b + 3) * LANES, wl, V, b + 3 < n_full, False, PACKED, KEY64)
+        lists_lo, lists_hi, nan_sum, kmin = _absorb_pair(lists_lo, lists_hi, lo, hi, b, nan_sum, kmin, True, True,
+                                                         DEPTH, KEY64, SUM_NAN, False)
+    start = n_full * LANES
+    lo, hi = _pair_bits(x_row, start, wl, V, True, True, False, KEY64)
+    lists_lo, lists_hi, nan_sum, kmin = _absorb_pair(lists_lo, lists_hi, lo, hi, n_full, nan_sum, kmin,
+                                                     start + 2 * wl < V, start + 2 * wl + 1 < V,
+                                                     DEPTH, KEY64, SUM_NAN, True)
+    a1, a2, a3, a4 = lists_lo
+    c1, c2, c3, c4 = lists_hi
+    k1 = tl.interleave(a1, c1)  # lane 2 wl + 0 / + 1: lane j of the block again
+    k2 = tl.interleave(a2, c2)
+    k3 = tl.interleave(a3, c3)
+    k4 = tl.interleave(a4, c4)
+    if DEPTH == 4:
+        klast = k4
+    else:
+        klast = k3
+    t = _value_threshold(k1, k2, k3, k4, C, LANES, G, DEPTH, KEY64)
+    n_cand = _count_at_least(k1, k2, k3, k4, t, DEPTH).to(tl.int32)
     # Exact unless: a lane may have dropped a key >= t; ties beyond CAP; t is +0.0 (a -0.0 ties with
     # it for torch but sorts below it here); the row holds a NaN (torch ranks every NaN first, equal).
-    exact = (tl.sum((k4 >= t).to(tl.int32), axis=0) == 0) & (n_cand <= CAP) & (_key_value_bits(t, KEY64) != 0)
-    exact = exact & (tl.max(_key_value_bits(k1, KEY64), axis=0) <= INF_BITS)
-    exact = exact & (tl.min(_key_value_bits(kmin, KEY64), axis=0) >= -INF_BITS - 1)
-    tl.store(ok_ptr + row, exact.to(tl.int32))
+    exact = (tl.sum((klast >= t).to(tl.int32), axis=0) == 0) & (n_cand <= CAP) & (_key_value_bits(t, KEY64) != 0)
+    if SUM_NAN:
+        total = tl.sum(nan_sum, axis=0)
+        exact = exact & (total == total)
+    else:
+        exact = exact & (tl.max(_key_value_bits(k1, KEY64), axis=0) <= INF_BITS)
+        exact = exact & (tl.min(_key_value_bits(kmin, KEY64), axis=0) >= -INF_BITS - 1)
+    tl.store(ok_ptr + row * 2 + slot, exact.to(tl.int32))
+    tl.store(thr_ptr + row * 2 + slot, _below(_key_float(t, x_row, KEY64)))
     if exact:
-        buf = scratch_ptr + row * CAP
+        lane = tl.arange(0, LANES)
+        buf = scratch_ptr + (row * 2 + slot) * CAP
         fill = tl.zeros((), dtype=tl.int32)
         fill = _append_lane_keys(t, k1, lane, fill, buf, LANES, KEY64)
         fill = _append_lane_keys(t, k2, lane, fill, buf, LANES, KEY64)
-        fill = _append_lane_keys(t, k3, lane, fill, buf, LANES, KEY64)
-        _finish_window(x_row, buf, fill, C, c_minus_1, K_MIN, K_MAX, idx_out_ptr + row * (2 * KM),
-                       k_out_ptr + row * 2, CAP, KM, INTERP)
+        if DEPTH == 4:
+            fill = _append_lane_keys(t, k3, lane, fill, buf, LANES, KEY64)
+        _finish_window(x_row, buf, fill, C, c_minus_1, K_MIN, K_MAX, idx_out_ptr + (row * 2 + slot) * KM,
+                       k_out_ptr + row * 2 + slot, CAP, KM, INTERP)
 
 
 @triton.jit
-def _dbild_window_exact_kernel(x_ptr, stride_x, V, C, c_minus_1, K_MIN, K_MAX, scratch_ptr, idx_out_ptr,
-                               k_out_ptr, ok_ptr, CAP: tl.constexpr, SUB: tl.constexpr, BLOCK: tl.constexpr,
+def _dbild_window_exact_kernel(x0_ptr, x1_ptr, stride0, stride1, first_slot, V, C, c_minus_1, K_MIN, K_MAX,
+                               scratch_ptr, idx_out_ptr, k_out_ptr, ok_ptr, thr_ptr,
+                               CAP: tl.constexpr, SUB: tl.constexpr, BLOCK: tl.constexpr,
                                KM: tl.constexpr, INTERP: tl.constexpr):
-    """The rows `_dbild_window_kernel` could not settle (ok[row] == 0), by an exact streaming top-C:
+    """The windows `_dbild_window_kernel` could not settle (ok == 0), by an exact streaming top-C:
     a candidate list of CAP indices per row, appended to when a block beats the threshold (the C-th
-    largest kept so far) and compacted (sort, keep C, raise the threshold) when it would overflow."""
-    row = tl.program_id(0).to(tl.int64)
-    if tl.load(ok_ptr + row) == 0:
-        x_row = x_ptr + row * stride_x
-        buf = scratch_ptr + row * CAP
+    largest kept so far) and compacted (sort, keep C, raise the threshold) when it would overflow.
+    The threshold starts at thr (from the lane kernel: every element >= its t qualifies, and at least
+    C do), or with NaN there at "no bound yet"."""
+    row, x_row, slot = _program_input(x0_ptr, x1_ptr, stride0, stride1, first_slot)
+    if tl.load(ok_ptr + row * 2 + slot) == 0:
+        buf = scratch_ptr + (row * 2 + slot) * CAP
         fill = tl.zeros((), dtype=tl.int32)
-        thr = tl.full((), float("nan"), tl.float32)
+        thr = tl.load(thr_ptr + row * 2 + slot)  # NaN: no bound yet, every element qualifies
         n_full = V // BLOCK
         lane = tl.arange(0, BLOCK)
         for b in range(0, n_full):
@@ -384,8 +516,8 @@ def _dbild_window_exact_kernel(x_ptr, stride_x, V, C, c_minus_1, K_MIN, K_MAX, s
             offs = start + lane
             x = tl.load(x_row + offs, mask=offs < V, other=0.0).to(tl.float32)
             fill, thr = _absorb(x, start, fill, thr, x_row, buf, V, C, CAP, SUB, BLOCK, True, INTERP)
-        _finish_window(x_row, buf, fill, C, c_minus_1, K_MIN, K_MAX, idx_out_ptr + row * (2 * KM),
-                       k_out_ptr + row * 2, CAP, KM, INTERP)
+        _finish_window(x_row, buf, fill, C, c_minus_1, K_MIN, K_MAX, idx_out_ptr + (row * 2 + slot) * KM,
+                       k_out_ptr + row * 2 + slot, CAP, KM, INTERP)
 
 
 @triton.jit
@@ -482,8 +614,8 @@ def _next_pow2(n: int) -> int:
 
 
 def _window_config(vocab: int, candidates: int, itemsize: int, lanes: int | None, block_v: int | None,
-                   cap: int | None):
-    """(CAP, SUB, BLOCK) of the exact kernel and LANES of the lane-list kernel."""
+                   cap: int | None, depth: int | None = None):
+    """(CAP, SUB, BLOCK) of the exact kernel; LANES and DEPTH of the lane-list kernel."""
     c_pad = max(2, _next_pow2(candidates))
     cap = max(4 * c_pad, 64) if cap is None else cap
     sub = cap // 2
@@ -491,22 +623,40 @@ def _window_config(vocab: int, candidates: int, itemsize: int, lanes: int | None
     assert cap & (cap - 1) == 0 and 1 <= sub <= cap - candidates, (cap, candidates)
     block = min(2048, max(_next_pow2(vocab), sub)) if block_v is None else block_v
     assert block & (block - 1) == 0 and block >= sub, (block, sub)
+    # 16-bit inputs, C <= 64: 3 keys in each of 2048 lanes (5 min/max per logit; ~0.5-1% of rows go to
+    # the exact kernel). Wider windows: 4 keys of 1024 lanes, which a window of 128 crowds less. float32
+    # keys are int64: 4 of 512 lanes. Never fewer lanes than C (the threshold's lower bound needs C groups).
+    if itemsize <= 2:
+        depth = depth or LANE_TUNING["depth"]
+        lanes = lanes or LANE_TUNING["lanes"]
+    if depth is None:
+        depth = 3 if itemsize <= 2 and c_pad <= 64 and (lanes is None or lanes >= 2048) else 4
     if lanes is None:
-        # 1024 lanes x 4 keys (512 for float32, whose keys are int64) and never fewer lanes than C.
-        lanes = max(min(1024 if itemsize <= 2 else 512, _next_pow2(vocab)), c_pad, 16)
+        lanes = (2048 if depth == 3 else 1024) if itemsize <= 2 else 512
+    lanes = max(min(lanes, _next_pow2(vocab)), c_pad, 16)
     assert lanes & (lanes - 1) == 0 and (itemsize > 2 or vocab // lanes < 0xFFFF), (lanes, vocab)
-    return cap, sub, block, lanes
+    assert depth in (3, 4), depth
+    return cap, sub, block, lanes, depth
 
 
-# Launch shapes, chosen from ptxas reports for sm_90 (python -m recipe.kernels.compile_check), not yet
-# timed on a GPU (tests/perf/README.md). Lane kernel: 4 warps x 8 lanes (bf16/fp16) per thread, three
-# 2 KB blocks in flight, capped at 80 registers (no spills) -> 6 programs/SM; ~16.5 SASS instructions
-# per bf16 logit in the block loop. Exact kernel
-# (fallback rows only): capped at 96 (ptxas otherwise takes 128 for values hoisted out of the
-# compaction's sort). Pair kernel: the KM x KM tiles need 8 warps (KM=64) or 32 warps (KM=128).
-_LANE_WARPS, _LANE_MAXNREG = 4, 80
+# Launch shapes, chosen from ptxas reports for sm_90 (python -m recipe.kernels.compile_check) and SASS
+# of the block loop (tests/perf/README.md). The lane kernel's block loop is integer min/max bound (the
+# ALU pipe, half rate): see _window_config for depth and lanes. Exact kernel (fallback rows only):
+# capped at 96 (ptxas otherwise takes 128 for values hoisted out of the compaction's sort). Pair
+# kernel: the KM x KM tiles need 8 warps (KM=64) or 32 warps (KM=128).
+# LANE_TUNING: the lane kernel's launch and depth / lanes overrides (None: the rule in _window_config)
+# for 16-bit inputs; tests/perf/bench_dbild.py --sweep sets it to compare shapes on a GPU. float32
+# rows (int64 keys, 512 lanes) keep 4 warps: at 8 the compiler's layout repeats their pair loads.
+LANE_TUNING = {"num_warps": 8, "maxnreg": 64, "depth": None, "lanes": None}
+_LANE_LAUNCH_FP32 = {"num_warps": 4, "maxnreg": 80}
 _WINDOW_WARPS, _WINDOW_MAXNREG = 4, 96
 _INF_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00, torch.float32: 0x7F800000}
+
+
+def _lane_launch(itemsize: int) -> dict:
+    if itemsize > 2:
+        return dict(_LANE_LAUNCH_FP32)
+    return {"num_warps": LANE_TUNING["num_warps"], "maxnreg": LANE_TUNING["maxnreg"]}
 
 
 def _pairs_launch(km: int) -> dict:
@@ -532,40 +682,55 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _packed_rows(*leads: torch.Tensor) -> bool:
+    """16-bit rows starting at 4-byte boundaries: the lane kernel can read them as int32 pairs."""
+    return all(t.element_size() == 2 and t.stride(0) % 2 == 0 and t.data_ptr() % 4 == 0 for t in leads)
+
+
 def _dbild_forward(ref, trainee, candidates, k_min, k_max, temperature, need_grad,
-                   lanes=None, block_v=None, cap=None, interp_path=None, exact_only=False):
+                   lanes=None, depth=None, block_v=None, cap=None, interp_path=None, exact_only=False):
     """Run the window and pair kernels. Returns per-row losses (rows, 2) f32, k (rows, 2) int32,
-    leading indices (rows, 2, KM) int32 and, if need_grad, d loss_row / d gathered trainee logits
-    (rows, 2, KM) f32. Column 0 is the ref-led (teacher-led) branch, column 1 the trainee-led one.
-    lanes / block_v / cap / interp_path / exact_only: tiling and path overrides for tests."""
+    leading indices (rows, 2, KM) int32, if need_grad d loss_row / d gathered trainee logits
+    (rows, 2, KM) f32 (else None), and per window whether the lane kernel settled it (rows, 2) int32.
+    Column 0 is the ref-led (teacher-led) branch, column 1 the trainee-led one.
+    lanes / depth / block_v / cap / interp_path / exact_only: tiling and path overrides for tests."""
     rows, vocab = ref.shape
     candidates = min(candidates, vocab)
     k_max = candidates if k_max is None else min(k_max, candidates)
     km = max(2, _next_pow2(k_max))
     dev = ref.device
-    scratch = torch.empty((rows, max(4 * _next_pow2(candidates), 64) if cap is None else cap),
-                          dtype=torch.int32, device=dev)  # reused by both inputs
-    ok = torch.zeros(rows, dtype=torch.int32, device=dev)
+    cap_ = _window_config(vocab, candidates, 2, lanes, block_v, cap, depth)[0]
+    scratch = torch.empty((rows, 2, cap_), dtype=torch.int32, device=dev)
+    ok = torch.zeros((rows, 2), dtype=torch.int32, device=dev)
+    # Per window, a lower bound of its C-th value from the lane kernel: where the fallback starts its threshold.
+    thr = torch.full((rows, 2), float("nan"), dtype=torch.float32, device=dev)
     idx = torch.empty((rows, 2, km), dtype=torch.int32, device=dev)
     k = torch.empty((rows, 2), dtype=torch.int32, device=dev)
     losses = torch.empty((rows, 2), dtype=torch.float32, device=dev)
     g = torch.empty((rows, 2, km) if need_grad else (1,), dtype=torch.float32, device=dev)
-    grid = (rows,)
     interp = _interpreting() if interp_path is None else bool(interp_path)
-    for branch, lead in enumerate((ref, trainee)):
-        cap_, sub, block, lanes_ = _window_config(vocab, candidates, lead.element_size(), lanes, block_v, cap)
-        args = (lead, lead.stride(0), vocab, candidates, float(candidates - 1), k_min, k_max, scratch,
-                idx[:, branch], k[:, branch], ok)  # branch b writes idx[:, b], k[:, b]: row strides 2*KM, 2
+    exact_opts = _launch_opts({"num_warps": _WINDOW_WARPS, "maxnreg": _WINDOW_MAXNREG}, dev)
+    # One launch of each window kernel over (rows, both inputs) when the two share a dtype; else one per input.
+    if ref.dtype == trainee.dtype:
+        launches = [((ref, trainee), 0)]
+    else:
+        launches = [((ref, ref), 0), ((trainee, trainee), 1)]
+    for (x0, x1), first_slot in launches:
+        cap_, sub, block, lanes_, depth_ = _window_config(vocab, candidates, x0.element_size(), lanes, block_v, cap,
+                                                          depth)
+        grid = (rows, 2 if x0 is not x1 else 1)
+        args = (x0, x1, x0.stride(0), x1.stride(0), first_slot, vocab, candidates, float(candidates - 1), k_min,
+                k_max, scratch, idx, k, ok, thr)
         if not exact_only:
-            _dbild_window_kernel[grid](*args, CAP=cap_, LANES=lanes_, KM=km, KEY64=lead.element_size() > 2,
-                                       INF_BITS=_INF_BITS[lead.dtype], INTERP=interp,
-                                       **_launch_opts({"num_warps": _LANE_WARPS, "maxnreg": _LANE_MAXNREG}, dev))
-        _dbild_window_exact_kernel[grid](*args, CAP=cap_, SUB=sub, BLOCK=block, KM=km, INTERP=interp,
-                                         **_launch_opts({"num_warps": _WINDOW_WARPS,
-                                                         "maxnreg": _WINDOW_MAXNREG}, dev))
-    _dbild_pairs_kernel[grid](ref, trainee, ref.stride(0), trainee.stride(0), idx, k, losses, g,
-                              1.0 / float(temperature), KM=km, NEED_GRAD=need_grad,
-                              **_launch_opts(_pairs_launch(km), dev))
+            lane_opts = _launch_opts(_lane_launch(x0.element_size()), dev)
+            _dbild_window_kernel[grid](*args, CAP=cap_, LANES=lanes_, DEPTH=depth_, G=max(2, _next_pow2(candidates)),
+                                       KM=km, KEY64=x0.element_size() > 2, PACKED=_packed_rows(x0, x1),
+                                       SUM_NAN=x0.dtype == torch.bfloat16, INF_BITS=_INF_BITS[x0.dtype],
+                                       INTERP=interp, **lane_opts)
+        _dbild_window_exact_kernel[grid](*args, CAP=cap_, SUB=sub, BLOCK=block, KM=km, INTERP=interp, **exact_opts)
+    _dbild_pairs_kernel[(rows,)](ref, trainee, ref.stride(0), trainee.stride(0), idx, k, losses, g,
+                                 1.0 / float(temperature), KM=km, NEED_GRAD=need_grad,
+                                 **_launch_opts(_pairs_launch(km), dev))
     return losses, k, idx, (g if need_grad else None), ok
 
 
@@ -623,14 +788,15 @@ def dbild_loss_triton(ref, trainee, *, candidates=64, k_min=2, k_max=None, tempe
 
 
 def dbild_branches_triton(ref, trainee, *, candidates=64, k_min=2, k_max=None, temperature=3.0,
-                          lanes=None, block_v=None, cap=None, interp_path=None, exact_only=False,
+                          lanes=None, depth=None, block_v=None, cap=None, interp_path=None, exact_only=False,
                           return_fast_rows=False) -> dict[str, torch.Tensor]:
     """Per-row branch losses and k, like `dbild_branches_torch` (for tests and diagnostics; no grad).
 
-    Overrides (powers of two) for tests: lanes (lane-list kernel), block_v and cap (exact kernel's
-    block and candidate-list sizes); exact_only skips the lane-list kernel; interp_path forces (True)
-    or disables (False) the interpreter-friendly formulation (default: on iff TRITON_INTERPRET=1), so
-    the compiled formulation can be run under the interpreter too. return_fast_rows adds "fast_rows":
+    Overrides for tests: lanes and depth (lane-list kernel: lanes, a power of two, keeping depth 3 or 4
+    keys each), block_v and cap (exact kernel's block and candidate-list sizes, powers of two);
+    exact_only skips the lane-list kernel; interp_path forces (True) or disables (False) the
+    interpreter-friendly formulation (default: on iff TRITON_INTERPRET=1), so the compiled formulation
+    can be run under the interpreter too. return_fast_rows adds "fast_rows":
     per row, whether the trainee-led window was settled by the lane-list kernel."""
     check_logits(ref, trainee, candidates, k_min, k_max)
     if _use_reference(ref, trainee, candidates):
@@ -644,11 +810,11 @@ def dbild_branches_triton(ref, trainee, *, candidates=64, k_min=2, k_max=None, t
                 "trainee_led_loss": empty_l}
     with torch.no_grad():
         losses, k, _, _, ok = _dbild_forward(ref, trainee, candidates, k_min, k_max, temperature, False,
-                                             lanes=lanes, block_v=block_v, cap=cap, interp_path=interp_path,
-                                             exact_only=exact_only)
+                                             lanes=lanes, depth=depth, block_v=block_v, cap=cap,
+                                             interp_path=interp_path, exact_only=exact_only)
     k = k.long()
     out = {"ref_led_k": k[:, 0], "ref_led_loss": losses[:, 0],
            "trainee_led_k": k[:, 1], "trainee_led_loss": losses[:, 1]}
     if return_fast_rows:
-        out["fast_rows"] = ok.bool()
+        out["fast_rows"] = ok[:, 1].bool()
     return out

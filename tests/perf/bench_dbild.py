@@ -36,6 +36,11 @@ def _parse():
                     help="randn: i.i.d. logits (few blocks skipped: the top-C threshold rises slowly); "
                          "peaked: a few dozen high logits per row over a Gaussian bulk, trainee = ref + noise")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", action="store_true",
+                    help="CUDA: also print the GPU time of each kernel of one triton step (torch.profiler)")
+    ap.add_argument("--sweep", nargs="+", default=None, metavar="DEPTHxLANESxWARPSxMAXNREG",
+                    help="time the triton step for each lane-kernel shape, e.g. 3x2048x8x64 4x1024x8x64 "
+                         "(16-bit inputs; see LANE_TUNING in recipe/kernels/dbild_triton.py)")
     return ap.parse_args()
 
 
@@ -79,6 +84,7 @@ def main() -> None:
             if cuda:
                 res[f"{name}_extra_peak_GB"] = round(peak / 1e9, 4)
         res["loss_abs_diff"] = abs(losses["torch"] - losses["triton"])
+        res["fast_rows"] = _fast_row_fraction(ref, trainee, kw)
         if cuda:
             res["speedup"] = round(res["torch_ms"] / res["triton_ms"], 2)
             res["grad_GB"] = round(rows * args.vocab * trainee.element_size() / 1e9, 4)
@@ -86,6 +92,10 @@ def main() -> None:
             res["bound_ms"] = round(3 * rows * args.vocab * itemsize / (copy_gbps * 1e9) * 1e3, 4)
             res["triton_frac_of_bound"] = round(res["bound_ms"] / res["triton_ms"], 3)
         results.append(res)
+        if cuda and args.profile:
+            _print_profile(torch, dbild_loss_triton, ref, trainee, kw, rows)
+        if args.sweep:
+            _sweep(torch, dbild_loss_triton, ref, trainee, kw, args.sweep, warmup, repeats, res, cuda)
         del ref, trainee
         if cuda:
             torch.cuda.empty_cache()
@@ -159,6 +169,54 @@ def _time(torch, fn, ref, trainee, kw, warmup, repeats, cuda):
             loss = step()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times), float(loss.detach()), peak
+
+
+def _fast_row_fraction(ref, trainee, kw):
+    """Share of trainee-led windows the one-pass lane kernel settled (the rest reran in the exact kernel)."""
+    from recipe.kernels import dbild_branches_triton
+
+    parts = dbild_branches_triton(ref, trainee.detach(), **kw, return_fast_rows=True)
+    return round(float(parts["fast_rows"].float().mean()), 4) if "fast_rows" in parts else None
+
+
+def _print_profile(torch, fn, ref, trainee, kw, rows):
+    """GPU time per kernel over 5 steps (forward + backward), averaged per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    steps = 5
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            trainee.grad = None
+            fn(ref, trainee, **kw).backward()
+        torch.cuda.synchronize()
+    totals = {}
+    for event in prof.events():
+        if event.device_type.name == "CUDA":  # kernels and memsets; their time range is on the device
+            totals[event.name] = totals.get(event.name, 0.0) + event.time_range.elapsed_us() / 1e3 / steps
+    print(f"rows {rows}: GPU ms per step by kernel (sum {sum(totals.values()):.3f})")
+    for name, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"  {ms:8.3f}  {name[:90]}")
+    if not totals:
+        print(prof.key_averages().table(sort_by="device_time_total", row_limit=15))
+
+
+def _sweep(torch, fn, ref, trainee, kw, shapes, warmup, repeats, res, cuda):
+    from recipe.kernels import dbild_triton as kt
+
+    saved = dict(kt.LANE_TUNING)
+    try:
+        for shape in shapes:
+            depth, lanes, warps, maxnreg = (int(v) for v in shape.lower().split("x"))
+            kt.LANE_TUNING.update(depth=depth, lanes=lanes, num_warps=warps, maxnreg=maxnreg)
+            ms, _, _ = _time(torch, fn, ref, trainee, kw, warmup, repeats, cuda)
+            row = {"rows": res["rows"], "shape": shape, "triton_ms": round(ms, 4),
+                   "fast_rows": _fast_row_fraction(ref, trainee, kw)}
+            if cuda:
+                row["triton_frac_of_bound"] = round(res["bound_ms"] / ms, 3)
+            print("sweep " + json.dumps(row))
+    finally:
+        kt.LANE_TUNING.clear()
+        kt.LANE_TUNING.update(saved)
 
 
 def _print_table(results, cuda):

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Every GPU check of the DBiLD kernels in one run (for a session with a lent GPU, through the device
+# tool): correctness against the reference, then speed with a per-kernel breakdown, a sweep of the lane
+# kernel's shapes and peaked inputs. Needs torch with CUDA and triton only. Logs go to $OUT (the device
+# tool's output folder) or tests/perf/measured/. About 5 minutes on an H200.
+#
+#     bash tests/perf/gpu_checks.sh
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+out=${OUT:-tests/perf/measured}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv | tee "$out/gpu.log"
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.log"
+status=0
+python tests/perf/check_dbild_gpu.py 2>&1 | tee "$out/check.log"; status=$((status | PIPESTATUS[0]))
+python tests/perf/bench_dbild.py --rows 1024 4096 16384 --profile 2>&1 | tee "$out/bench.log"
+status=$((status | PIPESTATUS[0]))
+python tests/perf/bench_dbild.py --rows 4096 --repeats 10 \
+    --sweep 3x2048x8x64 3x2048x4x96 3x2048x8x80 4x1024x8x64 4x1024x4x80 3x4096x8x80 2>&1 | tee "$out/sweep.log"
+status=$((status | PIPESTATUS[0]))
+python tests/perf/bench_dbild.py --rows 4096 --inputs peaked 2>&1 | tee "$out/peaked.log"
+status=$((status | PIPESTATUS[0]))
+exit $status
