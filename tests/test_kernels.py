@@ -85,6 +85,14 @@ def _loss_and_grad(fn, ref, trainee, **kw):
     return loss.detach(), q.grad
 
 
+def _assert_same_branches(ours, want, tol=1e-5):
+    """Same k per row (exactly) and branch losses (within tol) as the reference's branches."""
+    for name in ("ref_led_k", "trainee_led_k"):
+        assert torch.equal(ours[name], want[name]), name
+    for name in ("ref_led_loss", "trainee_led_loss"):
+        torch.testing.assert_close(ours[name], want[name], rtol=tol, atol=tol)
+
+
 def _compare(ref, trainee, loss_tol, grad_rtol, grad_atol, equal_nan=False, **kw):
     """Loss, per-row k and branch losses, and gradient of the kernels against the reference.
     lanes / block_v / cap / exact_only (tiling and path overrides) go to dbild_branches_triton only."""
@@ -192,18 +200,14 @@ def test_lane_kernel_depths_and_row_layouts(depth, dtype, layout, ties_by_index)
     assert kt._packed_rows(ref, trainee) == (layout == "packed")
     parts = kernels.dbild_branches_triton(ref, trainee, candidates=16, lanes=64, depth=depth, return_fast_rows=True)
     assert parts["fast_rows"].all()
-    want = dbild_branches_torch(ref, trainee, candidates=16)
-    for name in ("ref_led_k", "trainee_led_k"):
-        assert torch.equal(parts[name], want[name]), name
-    for name in ("ref_led_loss", "trainee_led_loss"):
-        torch.testing.assert_close(parts[name], want[name], rtol=1e-5, atol=1e-5)
+    _assert_same_branches(parts, dbild_branches_torch(ref, trainee, candidates=16))
 
 
 @pytest.mark.parametrize("interp_path", [True, False])
 def test_threshold_search_from_the_shared_high_bits(interp_path, ties_by_index):
     """The bit search for t starts below the bits shared by the row maximum and the least of C group
-    maxima: all-negative rows, rows whose top C straddle zero, rows whose top 2C values are equal
-    (maximum = lower bound: nothing to search) and rows spanning many powers of two."""
+    maxima: all-negative rows, rows whose maximum and bound differ in sign, rows with a maximum in every
+    group (maximum = bound: nothing to search) and rows spanning many powers of two."""
     gen = torch.Generator().manual_seed(41)
     ref, trainee = _logits(5, 600, dtype=torch.bfloat16, seed=41)
     trainee[0] = -trainee[0].abs() - 3.0  # maximum and bound negative: the sign bit is shared
@@ -216,11 +220,7 @@ def test_threshold_search_from_the_shared_high_bits(interp_path, ties_by_index):
     ours = kernels.dbild_branches_triton(ref, trainee, candidates=16, lanes=256, interp_path=interp_path,
                                          return_fast_rows=True)
     assert ours["fast_rows"].all()
-    want = dbild_branches_torch(ref, trainee, candidates=16)
-    for name in ("ref_led_k", "trainee_led_k"):
-        assert torch.equal(ours[name], want[name]), name
-    for name in ("ref_led_loss", "trainee_led_loss"):
-        torch.testing.assert_close(ours[name], want[name], rtol=1e-5, atol=1e-5)
+    _assert_same_branches(ours, dbild_branches_torch(ref, trainee, candidates=16))
 
 
 def test_fallback_threshold_start():
@@ -334,11 +334,7 @@ def test_compiled_formulation_on_tie_heavy_low_precision(case, ties_by_index):
     ours = kernels.dbild_branches_triton(ref, trainee, interp_path=False, return_fast_rows=True, **kw, **tiling)
     if case == "fp16_ties_crowded":
         assert not ours["fast_rows"].all()
-    want = dbild_branches_torch(ref, trainee, **kw)
-    for name in ("ref_led_k", "trainee_led_k"):
-        assert torch.equal(ours[name], want[name]), name
-    for name in ("ref_led_loss", "trainee_led_loss"):
-        torch.testing.assert_close(ours[name], want[name], rtol=1e-5, atol=1e-5)
+    _assert_same_branches(ours, dbild_branches_torch(ref, trainee, **kw))
 
 
 # ------------------------------------------------------------------------------------------ edge cases
