@@ -2,7 +2,7 @@
 # Every GPU check of the DBiLD kernels in one run (for a session with a lent GPU, through the device
 # tool): correctness against the reference, then speed with a per-kernel breakdown, a sweep of the lane
 # kernel's shapes and peaked inputs. Needs torch with CUDA and triton only. Logs go to $OUT (the device
-# tool's output folder) or tests/perf/measured/. About 5 minutes on an H200.
+# tool's output folder) or tests/perf/measured/. An estimated 5 minutes on an H200 (not yet timed).
 #
 #     bash tests/perf/gpu_checks.sh
 set -uo pipefail
