@@ -119,11 +119,12 @@ def compile_all(dtypes=("bf16",), kms=(64,), arch: int = 90) -> list[dict]:
     for dt in dtypes:
         itemsize = torch_dtype[dt].itemsize
         for km in kms:
-            cap, sub, block, lanes, depth = m._window_config(151936, km, itemsize, None, None, None)
+            cap, sub, block = m._exact_config(151936, km, None, None)
+            lanes, depth, groups = m._lane_config(151936, km, itemsize, None, None)
             sig = {k: v.format(dt=dt) for k, v in window_sig.items()}
             reports.append(_compile(
                 m._dbild_window_kernel, sig,
-                {"CAP": cap, "LANES": lanes, "DEPTH": depth, "G": km, "KM": km, "KEY64": itemsize > 2,
+                {"CAP": cap, "LANES": lanes, "DEPTH": depth, "G": groups, "KM": km, "KEY64": itemsize > 2,
                  "PACKED": itemsize == 2, "SUM_NAN": dt == "bf16", "INF_BITS": m._INF_BITS[torch_dtype[dt]],
                  "INTERP": False},
                 window_div, m._lane_launch(itemsize), arch,

@@ -381,12 +381,12 @@ def _append_lane_keys(t, key, lane, fill, buf_ptr, LANES: tl.constexpr, KEY64: t
 
 @triton.jit
 def _key_float(t, x_row, KEY64: tl.constexpr):
-    """The float32 value of a threshold key's value half (the inverse of the ordering transform)."""
+    """The float32 value of a threshold key's value half (the inverse of the ordering transform; an
+    int64 lane key's high word is ordered like `_order_key`'s)."""
     if KEY64:
-        o = (t >> 32).to(tl.int32)
-        v = (o ^ ((o >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+        v = _key_value(t)
     else:
-        o = t >> 16
+        o = _key_value_bits(t, KEY64)
         bits = (o ^ ((o >> 31) & 0x7FFF)).to(tl.int16)
         v = bits.to(x_row.dtype.element_ty, bitcast=True).to(tl.float32)
     return v
@@ -404,14 +404,15 @@ def _below(t):
 
 @triton.jit
 def _program_input(x0_ptr, x1_ptr, stride0, stride1, first_slot):
-    """Grid (rows, inputs): axis 1 picks the leading input (ref, then trainee) and its output slot."""
+    """Grid (rows, inputs): axis 1 picks the leading input (ref, then trainee). Returns its row and
+    the window's index row * 2 + slot into the (rows, 2, ...) outputs."""
     row = tl.program_id(0).to(tl.int64)
     which = tl.program_id(1)
     if which == 0:
         x_row = x0_ptr + row * stride0
     else:
         x_row = x1_ptr + row * stride1
-    return row, x_row, first_slot + which
+    return x_row, row * 2 + first_slot + which
 
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -430,7 +431,7 @@ def _dbild_window_kernel(x0_ptr, x1_ptr, stride0, stride1, first_slot, V, C, c_m
     included), which `_finish_window` sorts. Otherwise, or when ties leave more than CAP candidates,
     ok = 0 and `_dbild_window_exact_kernel` redoes the row. For i.i.d. logits and C = 64, DEPTH 3 of
     2048 lanes leaves ~0.5% of rows to it, DEPTH 4 of 1024 lanes well under 0.1%."""
-    row, x_row, slot = _program_input(x0_ptr, x1_ptr, stride0, stride1, first_slot)
+    x_row, win = _program_input(x0_ptr, x1_ptr, stride0, stride1, first_slot)
     WL: tl.constexpr = LANES // 2
     wl = tl.arange(0, WL)
     empty = tl.zeros((WL,), dtype=tl.int64 if KEY64 else tl.int32) + _key_min(KEY64)
@@ -476,18 +477,18 @@ def _dbild_window_kernel(x0_ptr, x1_ptr, stride0, stride1, first_slot, V, C, c_m
     else:
         exact = exact & (tl.max(_key_value_bits(k1, KEY64), axis=0) <= INF_BITS)
         exact = exact & (tl.min(_key_value_bits(kmin, KEY64), axis=0) >= -INF_BITS - 1)
-    tl.store(ok_ptr + row * 2 + slot, exact.to(tl.int32))
-    tl.store(thr_ptr + row * 2 + slot, _below(_key_float(t, x_row, KEY64)))
+    tl.store(ok_ptr + win, exact.to(tl.int32))
+    tl.store(thr_ptr + win, _below(_key_float(t, x_row, KEY64)))
     if exact:
         lane = tl.arange(0, LANES)
-        buf = scratch_ptr + (row * 2 + slot) * CAP
+        buf = scratch_ptr + win * CAP
         fill = tl.zeros((), dtype=tl.int32)
         fill = _append_lane_keys(t, k1, lane, fill, buf, LANES, KEY64)
         fill = _append_lane_keys(t, k2, lane, fill, buf, LANES, KEY64)
         if DEPTH == 4:
             fill = _append_lane_keys(t, k3, lane, fill, buf, LANES, KEY64)
-        _finish_window(x_row, buf, fill, C, c_minus_1, K_MIN, K_MAX, idx_out_ptr + (row * 2 + slot) * KM,
-                       k_out_ptr + row * 2 + slot, CAP, KM, INTERP)
+        _finish_window(x_row, buf, fill, C, c_minus_1, K_MIN, K_MAX, idx_out_ptr + win * KM, k_out_ptr + win,
+                       CAP, KM, INTERP)
 
 
 @triton.jit
@@ -500,11 +501,11 @@ def _dbild_window_exact_kernel(x0_ptr, x1_ptr, stride0, stride1, first_slot, V, 
     largest kept so far) and compacted (sort, keep C, raise the threshold) when it would overflow.
     The threshold starts at thr (from the lane kernel: every element >= its t qualifies, and at least
     C do), or with NaN there at "no bound yet"."""
-    row, x_row, slot = _program_input(x0_ptr, x1_ptr, stride0, stride1, first_slot)
-    if tl.load(ok_ptr + row * 2 + slot) == 0:
-        buf = scratch_ptr + (row * 2 + slot) * CAP
+    x_row, win = _program_input(x0_ptr, x1_ptr, stride0, stride1, first_slot)
+    if tl.load(ok_ptr + win) == 0:
+        buf = scratch_ptr + win * CAP
         fill = tl.zeros((), dtype=tl.int32)
-        thr = tl.load(thr_ptr + row * 2 + slot)  # NaN: no bound yet, every element qualifies
+        thr = tl.load(thr_ptr + win)  # NaN: no bound yet, every element qualifies
         n_full = V // BLOCK
         lane = tl.arange(0, BLOCK)
         for b in range(0, n_full):
@@ -516,8 +517,8 @@ def _dbild_window_exact_kernel(x0_ptr, x1_ptr, stride0, stride1, first_slot, V, 
             offs = start + lane
             x = tl.load(x_row + offs, mask=offs < V, other=0.0).to(tl.float32)
             fill, thr = _absorb(x, start, fill, thr, x_row, buf, V, C, CAP, SUB, BLOCK, True, INTERP)
-        _finish_window(x_row, buf, fill, C, c_minus_1, K_MIN, K_MAX, idx_out_ptr + (row * 2 + slot) * KM,
-                       k_out_ptr + row * 2 + slot, CAP, KM, INTERP)
+        _finish_window(x_row, buf, fill, C, c_minus_1, K_MIN, K_MAX, idx_out_ptr + win * KM, k_out_ptr + win,
+                       CAP, KM, INTERP)
 
 
 @triton.jit
@@ -613,38 +614,43 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _window_config(vocab: int, candidates: int, itemsize: int, lanes: int | None, block_v: int | None,
-                   cap: int | None, depth: int | None = None):
-    """(CAP, SUB, BLOCK) of the exact kernel; LANES and DEPTH of the lane-list kernel."""
-    c_pad = max(2, _next_pow2(candidates))
-    cap = max(4 * c_pad, 64) if cap is None else cap
+def _exact_config(vocab: int, candidates: int, block_v: int | None, cap: int | None):
+    """(CAP, SUB, BLOCK) of the exact kernel; CAP also sizes the lane kernel's candidate list."""
+    cap = max(4 * _next_pow2(max(2, candidates)), 64) if cap is None else cap
     sub = cap // 2
     # SUB <= CAP - C guarantees a sub-block always fits after one compaction.
     assert cap & (cap - 1) == 0 and 1 <= sub <= cap - candidates, (cap, candidates)
     block = min(2048, max(_next_pow2(vocab), sub)) if block_v is None else block_v
     assert block & (block - 1) == 0 and block >= sub, (block, sub)
-    # 16-bit inputs, C <= 64: 3 keys in each of 2048 lanes (5 min/max per logit; ~0.5-1% of rows go to
-    # the exact kernel). Wider windows: 4 keys of 1024 lanes, which a window of 128 crowds less. float32
-    # keys are int64: 4 of 512 lanes. Never fewer lanes than C (the threshold's lower bound needs C groups).
+    return cap, sub, block
+
+
+def _lane_config(vocab: int, candidates: int, itemsize: int, lanes: int | None, depth: int | None):
+    """(LANES, DEPTH, G) of the lane kernel, G the number of lane groups of the threshold's lower bound.
+
+    16-bit inputs, C <= 64: 3 keys in each of 2048 lanes (5 min/max per logit; ~0.5-1% of rows go to
+    the exact kernel). Wider windows: 4 keys of 1024 lanes, which a window of 128 crowds less. float32
+    keys are int64: 4 of 512 lanes. Never fewer lanes than C (the lower bound needs G >= C groups)."""
+    groups = max(2, _next_pow2(candidates))
     if itemsize <= 2:
         depth = depth or LANE_TUNING["depth"]
         lanes = lanes or LANE_TUNING["lanes"]
     if depth is None:
-        depth = 3 if itemsize <= 2 and c_pad <= 64 and (lanes is None or lanes >= 2048) else 4
+        depth = 3 if itemsize <= 2 and groups <= 64 and (lanes is None or lanes >= 2048) else 4
     if lanes is None:
         lanes = (2048 if depth == 3 else 1024) if itemsize <= 2 else 512
-    lanes = max(min(lanes, _next_pow2(vocab)), c_pad, 16)
+    lanes = max(min(lanes, _next_pow2(vocab)), groups, 16)
     assert lanes & (lanes - 1) == 0 and (itemsize > 2 or vocab // lanes < 0xFFFF), (lanes, vocab)
     assert depth in (3, 4), depth
-    return cap, sub, block, lanes, depth
+    return lanes, depth, groups
 
 
 # Launch shapes, chosen from ptxas reports for sm_90 (python -m recipe.kernels.compile_check) and SASS
 # of the block loop (tests/perf/README.md). The lane kernel's block loop is integer min/max bound (the
-# ALU pipe, half rate): see _window_config for depth and lanes. Exact kernel (fallback rows only):
+# ALU pipe, half rate): see _lane_config for depth and lanes. Exact kernel (fallback rows only):
 # capped at 96 (ptxas otherwise takes 128 for values hoisted out of the compaction's sort). Pair
 # kernel: the KM x KM tiles need 8 warps (KM=64) or 32 warps (KM=128).
-# LANE_TUNING: the lane kernel's launch and depth / lanes overrides (None: the rule in _window_config)
+# LANE_TUNING: the lane kernel's launch and depth / lanes overrides (None: the rule in _lane_config)
 # for 16-bit inputs; tests/perf/bench_dbild.py --sweep sets it to compare shapes on a GPU. float32
 # rows (int64 keys, 512 lanes) keep 4 warps: at 8 the compiler's layout repeats their pair loads.
 LANE_TUNING = {"num_warps": 8, "maxnreg": 64, "depth": None, "lanes": None}
@@ -699,8 +705,8 @@ def _dbild_forward(ref, trainee, candidates, k_min, k_max, temperature, need_gra
     k_max = candidates if k_max is None else min(k_max, candidates)
     km = max(2, _next_pow2(k_max))
     dev = ref.device
-    cap_ = _window_config(vocab, candidates, 2, lanes, block_v, cap, depth)[0]
-    scratch = torch.empty((rows, 2, cap_), dtype=torch.int32, device=dev)
+    cap, sub, block = _exact_config(vocab, candidates, block_v, cap)
+    scratch = torch.empty((rows, 2, cap), dtype=torch.int32, device=dev)
     ok = torch.zeros((rows, 2), dtype=torch.int32, device=dev)
     # Per window, a lower bound of its C-th value from the lane kernel: where the fallback starts its threshold.
     thr = torch.full((rows, 2), float("nan"), dtype=torch.float32, device=dev)
@@ -716,18 +722,17 @@ def _dbild_forward(ref, trainee, candidates, k_min, k_max, temperature, need_gra
     else:
         launches = [((ref, ref), 0), ((trainee, trainee), 1)]
     for (x0, x1), first_slot in launches:
-        cap_, sub, block, lanes_, depth_ = _window_config(vocab, candidates, x0.element_size(), lanes, block_v, cap,
-                                                          depth)
         grid = (rows, 2 if x0 is not x1 else 1)
         args = (x0, x1, x0.stride(0), x1.stride(0), first_slot, vocab, candidates, float(candidates - 1), k_min,
                 k_max, scratch, idx, k, ok, thr)
         if not exact_only:
+            lanes_, depth_, groups = _lane_config(vocab, candidates, x0.element_size(), lanes, depth)
             lane_opts = _launch_opts(_lane_launch(x0.element_size()), dev)
-            _dbild_window_kernel[grid](*args, CAP=cap_, LANES=lanes_, DEPTH=depth_, G=max(2, _next_pow2(candidates)),
-                                       KM=km, KEY64=x0.element_size() > 2, PACKED=_packed_rows(x0, x1),
+            _dbild_window_kernel[grid](*args, CAP=cap, LANES=lanes_, DEPTH=depth_, G=groups, KM=km,
+                                       KEY64=x0.element_size() > 2, PACKED=_packed_rows(x0, x1),
                                        SUM_NAN=x0.dtype == torch.bfloat16, INF_BITS=_INF_BITS[x0.dtype],
                                        INTERP=interp, **lane_opts)
-        _dbild_window_exact_kernel[grid](*args, CAP=cap_, SUB=sub, BLOCK=block, KM=km, INTERP=interp, **exact_opts)
+        _dbild_window_exact_kernel[grid](*args, CAP=cap, SUB=sub, BLOCK=block, KM=km, INTERP=interp, **exact_opts)
     _dbild_pairs_kernel[(rows,)](ref, trainee, ref.stride(0), trainee.stride(0), idx, k, losses, g,
                                  1.0 / float(temperature), KM=km, NEED_GRAD=need_grad,
                                  **_launch_opts(_pairs_launch(km), dev))
