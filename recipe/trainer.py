@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from recipe.files import write_atomically
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LATEST = "latest"
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "chat_template.jinja", "chat_template.json")
@@ -130,12 +132,7 @@ def save_checkpoint(engine, checkpoint_dir: str, step: int, client_state: dict, 
     if dist.is_initialized():
         dist.barrier()
     if rank() == 0:
-        tmp = os.path.join(checkpoint_dir, LATEST + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(tag)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(checkpoint_dir, LATEST))
+        write_atomically(os.path.join(checkpoint_dir, LATEST), tag.encode())
         rotate_checkpoints(checkpoint_dir, keep)
     if dist.is_initialized():
         dist.barrier()
@@ -189,8 +186,7 @@ class MetricsLog:
         if self.enabled and os.path.exists(path):
             with open(path) as f:
                 kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            with open(path, "w") as f:
-                f.writelines(kept)
+            write_atomically(path, "".join(kept).encode())  # a crash here must not lose the kept lines
 
     def write(self, record: dict) -> None:
         if self.enabled:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from recipe.data.images import image_extension, reencode, shrink_to_max_side
 from recipe.data.validate import Reject, check_sample, has_image, read_image_file
+from recipe.files import TMP_SUFFIX, fsync_and_rename, write_atomically
 
 INDEX_NAME = "index.json"
 REJECTS_NAME = "rejects.jsonl"
@@ -130,13 +131,6 @@ def _tar_member(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def _fsync_and_rename(f, tmp_path: str, final_path: str) -> None:
-    f.flush()
-    os.fsync(f.fileno())
-    f.close()
-    os.replace(tmp_path, final_path)
-
-
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -145,28 +139,21 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
-    f = open(tmp, "wb")
-    f.write(data)
-    _fsync_and_rename(f, tmp, path)
-
-
 def _open_shard(path: str) -> tarfile.TarFile:
     """A tar writing to PATH.tmp; _close_shard moves it to PATH once complete."""
-    return tarfile.open(fileobj=open(path + ".tmp", "wb"), mode="w", format=tarfile.USTAR_FORMAT)
+    return tarfile.open(fileobj=open(path + TMP_SUFFIX, "wb"), mode="w", format=tarfile.USTAR_FORMAT)
 
 
 def _close_shard(tar: tarfile.TarFile) -> None:
     tar.close()  # writes the end-of-archive blocks; leaves the file object open
-    _fsync_and_rename(tar.fileobj, tar.fileobj.name, tar.fileobj.name[: -len(".tmp")])
+    fsync_and_rename(tar.fileobj, tar.fileobj.name, tar.fileobj.name[: -len(TMP_SUFFIX)])
 
 
 def _remove_leftovers(out_dir: str) -> None:
     """Start of a run: drop the index (the directory is 'unfinished' until the end) and tmp files."""
-    ours = (INDEX_NAME + ".tmp", REJECTS_NAME + ".tmp")
+    ours = (INDEX_NAME + TMP_SUFFIX, REJECTS_NAME + TMP_SUFFIX)
     for name in os.listdir(out_dir):
-        if name == INDEX_NAME or name in ours or (name.startswith("shard-") and name.endswith(".tar.tmp")):
+        if name == INDEX_NAME or name in ours or (name.startswith("shard-") and name.endswith(".tar" + TMP_SUFFIX)):
             os.remove(os.path.join(out_dir, name))
 
 
@@ -220,11 +207,12 @@ def convert_to_shards(
             shardlist[-1]["nsamples"] += 1
             _count(stats, info)
             if shardlist[-1]["nsamples"] == samples_per_shard:
-                tar = _close_shard(tar)
+                _close_shard(tar)
+                tar = None
     if tar is not None:
         _close_shard(tar)
 
-    _write_atomically(os.path.join(out_dir, REJECTS_NAME), b"".join(_dump_json(r) + b"\n" for r in rejects))
+    write_atomically(os.path.join(out_dir, REJECTS_NAME), b"".join(_dump_json(r) + b"\n" for r in rejects))
     kept = sum(shard["nsamples"] for shard in shardlist)
     stats = {
         "records": len(records),
@@ -239,7 +227,7 @@ def convert_to_shards(
         raise NothingKept(f"no sample kept out of {len(records)} ({reasons}); see {out_dir}/{REJECTS_NAME}")
     _remove_stale_shards(out_dir, {shard["url"] for shard in shardlist})
     index = {"__kind__": INDEX_KIND, "wids_version": 1, "shardlist": shardlist, "stats": stats}
-    _write_atomically(os.path.join(out_dir, INDEX_NAME), (json.dumps(index, indent=1) + "\n").encode())
+    write_atomically(os.path.join(out_dir, INDEX_NAME), (json.dumps(index, indent=1) + "\n").encode())
     _fsync_dir(out_dir)
     return stats
 
