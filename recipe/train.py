@@ -188,8 +188,9 @@ def main(argv=None):
             out = engine(to_device(batch, device))
             engine.backward(out["loss"])
             engine.step()  # DeepSpeed steps the optimizer and LR schedule at the accumulation boundary
-            for key in sums:
-                sums[key] += out[key].item() / cfg.grad_accum
+            terms = torch.stack([out[key].detach().float() for key in sums]).tolist()  # one device sync, not four
+            for key, value in zip(sums, terms):
+                sums[key] += value / cfg.grad_accum
         step += 1
 
         loss, ce, align, vsd, tokens, dropped = T.all_reduce_mean(
