@@ -21,6 +21,17 @@ import time
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
+def _lane_shape(text: str) -> tuple[int, int, int, int]:
+    """DEPTHxLANESxWARPSxMAXNREG, e.g. 3x2048x8x64: depth 3 or 4, lanes / warps powers of two."""
+    parts = text.lower().split("x")
+    if len(parts) != 4 or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected DEPTHxLANESxWARPSxMAXNREG, e.g. 3x2048x8x64")
+    depth, lanes, warps, maxnreg = (int(p) for p in parts)
+    if depth not in (3, 4) or lanes & (lanes - 1) or warps & (warps - 1) or not (lanes and warps and maxnreg):
+        raise argparse.ArgumentTypeError(f"{text!r}: depth must be 3 or 4, lanes and warps powers of two")
+    return depth, lanes, warps, maxnreg
+
+
 def _parse():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[1024, 4096, 16384])
@@ -38,7 +49,7 @@ def _parse():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile", action="store_true",
                     help="CUDA: also print the GPU time of each kernel of one triton step (torch.profiler)")
-    ap.add_argument("--sweep", nargs="+", default=None, metavar="DEPTHxLANESxWARPSxMAXNREG",
+    ap.add_argument("--sweep", nargs="+", default=None, metavar="DEPTHxLANESxWARPSxMAXNREG", type=_lane_shape,
                     help="time the triton step for each lane-kernel shape, e.g. 3x2048x8x64 4x1024x8x64 "
                          "(16-bit inputs; see LANE_TUNING in recipe/kernels/dbild_triton.py)")
     return ap.parse_args()
@@ -205,11 +216,10 @@ def _sweep(torch, fn, ref, trainee, kw, shapes, warmup, repeats, res, cuda):
 
     saved = dict(kt.LANE_TUNING)
     try:
-        for shape in shapes:
-            depth, lanes, warps, maxnreg = (int(v) for v in shape.lower().split("x"))
+        for depth, lanes, warps, maxnreg in shapes:
             kt.LANE_TUNING.update(depth=depth, lanes=lanes, num_warps=warps, maxnreg=maxnreg)
             ms, _, _ = _time(torch, fn, ref, trainee, kw, warmup, repeats, cuda)
-            row = {"rows": res["rows"], "shape": shape, "triton_ms": round(ms, 4),
+            row = {"rows": res["rows"], "shape": f"{depth}x{lanes}x{warps}x{maxnreg}", "triton_ms": round(ms, 4),
                    "fast_rows": _fast_row_fraction(ref, trainee, kw)}
             if cuda:
                 row["triton_frac_of_bound"] = round(res["bound_ms"] / ms, 3)
