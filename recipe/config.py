@@ -72,7 +72,7 @@ class TrainConfig:
     ds_config: str | None = None  # default: ds_configs/zero{2,3}.json by zero_stage
     optim: OptimConfig = field(default_factory=OptimConfig)
     grad_clip: float = 1.0
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # the student, and the teacher's layers in the switch pass
     loss: LossConfig = field(default_factory=LossConfig)
     train_vision_tower: bool = True  # False freezes E_S, which disables what VSD is for
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU

@@ -29,7 +29,7 @@ def parse_args(argv=None):
 
 
 def build_models(cfg, precision):
-    from recipe.models import check_pair, load_tokenizer, load_vlm
+    from recipe.models import check_pair, enable_switch_checkpointing, load_tokenizer, load_vlm
 
     for role in ("student", "teacher"):
         path = getattr(cfg, role).path
@@ -48,6 +48,8 @@ def build_models(cfg, precision):
         student.model.vision_tower.requires_grad_(False)
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if teacher is not None:
+            enable_switch_checkpointing(teacher)
     return student, teacher, tokenizer
 
 

@@ -1,6 +1,7 @@
 """The three passes on tiny real checkpoints: correctness against HF's own forward, gradient routing,
 the teacher cache, the pairing check and the no-(B x T x V) rule."""
 import copy
+import types
 
 import pytest
 import torch
@@ -8,8 +9,9 @@ from transformers import AutoConfig
 
 from recipe.config import LossConfig
 from recipe.data import Collator, ShardDataset
-from recipe.models import (IncompatiblePair, SwitchKDModel, check_pair, image_token_count, load_image_processor,
-                           load_tokenizer, load_vlm, run_passes, supervised_positions)
+from recipe.losses.objective import switch_kd_objective
+from recipe.models import (IncompatiblePair, SwitchKDModel, check_pair, enable_switch_checkpointing, image_token_count,
+                           load_image_processor, load_tokenizer, load_vlm, run_passes, supervised_positions)
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +122,67 @@ def test_teacher_is_cached_and_logits_exist_only_at_supervised_rows(pair, mixed_
     assert rows == int((mixed_batch["labels"][:, 1:] != -100).sum())
     assert all(len(shape) == 2 for shape in head_inputs)  # (rows, hidden): never (batch, seq, hidden)
     assert [s[0] for s in head_inputs] == [rows, rows, int(out["vsd_rows"])]
+
+
+def switch_step(student, teacher, batch) -> dict:
+    """One VSD-only step: the switch logits, E_S's gradient, the bytes the teacher's language model saved
+    for the backward (activations only, not its weights) and how often its layers ran in each direction."""
+    language = teacher.model.language_model
+    weights = {p.untyped_storage().data_ptr() for p in teacher.parameters()}
+    saved, inside, layer_calls = {}, [False], [0]
+
+    def pack(t):
+        if inside[0] and t.untyped_storage().data_ptr() not in weights:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    hooks = [language.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True)),
+             language.register_forward_hook(lambda *a: inside.__setitem__(0, False))]
+    # Pre-hooks: a recomputation stops as soon as it has rebuilt what the backward needs, before forward hooks.
+    hooks += [layer.register_forward_pre_hook(lambda *a: layer_calls.__setitem__(0, layer_calls[0] + 1))
+              for layer in language.layers]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            passes = run_passes(student, teacher, batch)
+        forward_calls = layer_calls[0]
+        student.zero_grad(set_to_none=True)
+        loss_config = LossConfig(candidates=16, impl="torch", ce_weight=0.0, align_weight=0.0, vsd_weight=1.0)
+        switch_kd_objective(passes, loss_config)["loss"].backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    grad = torch.cat([p.grad.flatten() for p in student.model.vision_tower.parameters() if p.grad is not None])
+    return {"switch": passes.switch, "grad": grad, "saved_bytes": sum(saved.values()),
+            "forward_calls": forward_calls, "backward_calls": layer_calls[0] - forward_calls}
+
+
+def test_switch_checkpointing_recomputes_the_teacher_layers_and_changes_nothing_else(pair, mixed_batch):
+    student, teacher = copy.deepcopy(pair[0]), copy.deepcopy(pair[1])
+    teacher.requires_grad_(False).eval()
+    plain = switch_step(student, teacher, mixed_batch)
+    assert enable_switch_checkpointing(teacher)
+    checkpointed = switch_step(student, teacher, mixed_batch)
+    n_layers = len(teacher.model.language_model.layers)
+    # Same logits and gradient to E_S, bit for bit: the layers' submodules never leave eval mode.
+    assert torch.equal(plain["switch"], checkpointed["switch"]) and torch.equal(plain["grad"], checkpointed["grad"])
+    assert plain["forward_calls"] == checkpointed["forward_calls"] == 2 * n_layers  # teacher + switch pass
+    # Checkpointed, the switch pass's layers rerun in the backward and keep a fraction of the bytes.
+    assert plain["backward_calls"] == 0 and checkpointed["backward_calls"] == n_layers
+    assert checkpointed["saved_bytes"] * 4 < plain["saved_bytes"], (checkpointed, plain)
+    assert not any(m.training for m in teacher.modules())
+
+
+def test_switch_checkpointing_is_refused_for_layers_that_read_their_training_flag():
+    from transformers import OPTConfig, OPTModel
+
+    # OPT's decoder layer applies dropout with training=self.training in its own forward: raising the layer's
+    # flag to checkpoint it would turn dropout on in the teacher. Only teacher.model.language_model is read.
+    opt = OPTModel(OPTConfig(hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=64,
+                             word_embed_proj_dim=16))
+    teacher = types.SimpleNamespace(model=types.SimpleNamespace(language_model=opt))
+    with pytest.warns(UserWarning, match="OPTDecoderLayer reads its training flag"):
+        assert not enable_switch_checkpointing(teacher)
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in opt.modules())
 
 
 def test_pair_check_names_mismatched_vision_width_and_vocabulary(demo_assets):

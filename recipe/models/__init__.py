@@ -2,8 +2,9 @@
 from recipe.models.compat import IncompatiblePair, check_pair
 from recipe.models.loading import (image_token_count, load_image_processor, load_tokenizer, load_vlm,
                                    pick_attention, vision_feature_width)
-from recipe.models.switch import PassOutputs, SwitchKDModel, run_passes, supervised_positions
+from recipe.models.switch import (PassOutputs, SwitchKDModel, enable_switch_checkpointing, run_passes,
+                                  supervised_positions)
 
 __all__ = ["IncompatiblePair", "check_pair", "image_token_count", "load_image_processor", "load_tokenizer",
-           "load_vlm", "pick_attention", "vision_feature_width", "PassOutputs", "SwitchKDModel", "run_passes",
-           "supervised_positions"]
+           "load_vlm", "pick_attention", "vision_feature_width", "PassOutputs", "SwitchKDModel",
+           "enable_switch_checkpointing", "run_passes", "supervised_positions"]
