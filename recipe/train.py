@@ -134,9 +134,16 @@ def main(argv=None):
 
     # ---- models and data (a bad pair or path stops here, before any training)
     try:
+        ds_config = T.deepspeed_config(cfg, precision)
+        # ZeRO-3: no rank ever holds a whole model. Kept for the run: transformers holds a weak reference.
+        _zero3_loading = T.zero3_loading(ds_config)
         student, teacher, tokenizer = build_models(cfg, precision)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         sys.exit(f"config error: {e}")
+    if is_main:
+        (s_total, s_here), (t_total, t_here) = T.parameter_counts(student), T.parameter_counts(teacher)
+        print(f"[train] loaded student {s_total / 1e6:.1f}M and teacher {t_total / 1e6:.1f}M parameters; "
+              f"rank 0 holds {(s_here + t_here) / (s_total + t_total):.0%} of them", flush=True)
     dataset, sampler, collator = build_data(cfg, student, tokenizer)
     world = T.world_size()
     samples_per_step = cfg.micro_batch_size * cfg.grad_accum * world
@@ -146,7 +153,6 @@ def main(argv=None):
     # ---- engine: one DeepSpeed engine over student + frozen teacher; the optimizer sees the student only
     from recipe.models import SwitchKDModel
     model = SwitchKDModel(student, teacher, cfg.loss)
-    ds_config = T.deepspeed_config(cfg, precision)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=T.param_groups(student, cfg.optim.weight_decay), config=ds_config,
         lr_scheduler=lambda opt: T.warmup_cosine(opt, warmup_steps=cfg.optim.warmup_steps, max_steps=max_steps,

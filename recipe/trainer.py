@@ -92,12 +92,33 @@ def deepspeed_config(cfg, precision: str) -> dict:
     return ds
 
 
+def zero3_loading(ds_config: dict):
+    """While the returned object lives, transformers' from_pretrained creates each parameter partitioned
+    across the ranks (deepspeed.zero.Init); None unless ds_config is ZeRO-3."""
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)
+
+
+def parameter_counts(module: torch.nn.Module | None) -> tuple[int, int]:
+    """(parameters of the whole model, parameters this rank holds): equal unless ZeRO-3 partitioned them.
+    A partitioned parameter is an empty tensor between uses; ds_numel is its size, ds_tensor this rank's part."""
+    if module is None:
+        return 0, 0
+    params = list(module.parameters())
+    held = sum(p.ds_tensor.numel() if p.numel() == 0 and hasattr(p, "ds_tensor") else p.numel() for p in params)
+    return sum(getattr(p, "ds_numel", p.numel()) for p in params), held
+
+
 def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only; biases and norm scales are left alone. Frozen parameters excluded."""
+    """Weight decay on matrices only; biases and norm scales are left alone. Frozen parameters excluded.
+    A parameter partitioned at load (ZeRO-3) is an empty tensor here: its shape is in ds_shape."""
     decay, no_decay = [], []
     for p in module.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
