@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
-from assets import REPO, free_port
+from assets import REPO, free_port, run_module
 
 pytestmark = pytest.mark.slow
 TIMING_KEYS = {"samples_per_s", "tokens_per_s"}
@@ -201,6 +201,38 @@ def test_sft_without_teacher_trains_the_student_alone(tmp_path, demo_assets):
     # Distillation weights without a teacher are a config error, not a silent SFT.
     config, _ = write_config(tmp_path, demo_assets, "sft_bad", **{"teacher.path": None})
     assert "need teacher.path" in run_expecting_failure(config)
+
+
+PARTITIONED_LOAD = """
+import json, os, sys
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import deepspeed
+from recipe import trainer as T
+from recipe.config import TrainConfig
+from recipe.models import load_vlm
+deepspeed.init_distributed(dist_backend="gloo")
+ds = T.deepspeed_config(TrainConfig(zero_stage=3), "fp32")
+ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+plain = load_vlm(sys.argv[1])
+alive = T.zero3_loading(ds)
+partitioned = load_vlm(sys.argv[1])
+sizes = lambda m: [sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in g["params"])
+                   for g in T.param_groups(m, 0.1)]
+print(json.dumps({"released": all(p.numel() == 0 for p in partitioned.parameters()),
+                  "groups": [sizes(plain), sizes(partitioned)],
+                  "counts": [T.parameter_counts(plain), T.parameter_counts(partitioned)]}))
+"""
+
+
+def test_parameters_loaded_partitioned_keep_their_decay_group_and_count(demo_assets):
+    """Under ZeRO-3 loading every parameter is an empty tensor until gathered: the weight-decay split and the
+    parameter counts must read the partitioned sizes, not the empty tensors (which look one-dimensional)."""
+    proc = run_module(["-c", PARTITIONED_LOAD, demo_assets["student"], str(free_port())], env={"DS_ACCELERATOR": "cpu"})
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["released"]
+    plain, partitioned = result["groups"]
+    assert partitioned == plain and plain[0] > 0 and plain[1] > 0  # (decay, no decay) parameter counts
+    assert result["counts"][0] == result["counts"][1] == [sum(plain)] * 2  # one rank holds everything
 
 
 def test_zero3_with_partitioned_parameters_and_text_only_micro_batches(tmp_path, demo_assets):
