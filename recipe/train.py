@@ -17,6 +17,7 @@ import torch
 
 from recipe import trainer as T
 from recipe.config import ConfigError, load_config, to_dict
+from recipe.files import write_atomically
 
 
 def parse_args(argv=None):
@@ -239,9 +240,8 @@ def main(argv=None):
     if cfg.data.eval and not already_evaluated:
         record = evaluate_during_training(cfg, engine, student, tokenizer, step)
         metrics.write(record)
-        if is_main:
-            with open(os.path.join(final_dir, "eval.json"), "w") as f:
-                json.dump(record["eval"], f, indent=1)
+        if is_main:  # atomically: its presence marks the run as evaluated (here and in recipe.ablation)
+            write_atomically(os.path.join(final_dir, "eval.json"), json.dumps(record["eval"], indent=1).encode())
     return 0
 
 

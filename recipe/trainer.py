@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from recipe.config import ConfigError
 from recipe.files import write_atomically
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,6 +98,11 @@ def zero3_loading(ds_config: dict):
     across the ranks (deepspeed.zero.Init); None unless ds_config is ZeRO-3."""
     if ds_config.get("zero_optimization", {}).get("stage") != 3:
         return None
+    try:
+        import accelerate  # noqa: F401  transformers' partitioned loading requires it
+    except ImportError as e:
+        raise ConfigError("zero_stage 3 loads the models partitioned through transformers, which needs the "
+                          "accelerate package: pip install -r requirements.txt") from e
     from transformers.integrations import HfDeepSpeedConfig
 
     return HfDeepSpeedConfig(ds_config)

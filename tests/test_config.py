@@ -2,12 +2,13 @@
 import glob
 import json
 import os
+import sys
 
 import pytest
 
 from assets import REPO
 from recipe.config import ConfigError, load_config
-from recipe.trainer import deepspeed_config
+from recipe.trainer import deepspeed_config, zero3_loading
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "recipe", "configs", "*.yaml"))))
@@ -50,3 +51,11 @@ def test_deepspeed_config_fills_every_auto_from_the_recipe_config():
     for name in ("zero2.json", "zero3.json", "zero3_offload.json"):
         with open(os.path.join(REPO, "ds_configs", name)) as f:
             json.load(f)
+
+
+def test_zero3_without_accelerate_names_the_missing_package(monkeypatch):
+    ds = deepspeed_config(load_config(os.path.join(REPO, "recipe/configs/tinyllava_3b_to_0p5b.yaml")), "bf16")
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # import accelerate now raises ImportError
+    with pytest.raises(ConfigError, match="zero_stage 3 .* needs the accelerate package"):
+        zero3_loading(ds)
+    assert zero3_loading({**ds, "zero_optimization": {"stage": 2}}) is None  # ZeRO-2 loads whole models
