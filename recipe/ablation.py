@@ -11,8 +11,8 @@ Arms (CE is always on; D is the divergence of the alignment / VSD terms):
     dbild        CE + DBiLD alignment
     switchkd     CE + DBiLD alignment + VSD (DBiLD through the teacher's switch pass)
     vsd          CE + VSD only
-Writes OUT/results.json, OUT/table.md (printed too) and OUT/ablation.png. Finished runs are reused, so an
-interrupted experiment continues where it stopped.
+Writes OUT/results.json, OUT/table.md (printed too) and OUT/ablation.png. Finished runs are reused (and
+shorter ones extended), so an interrupted experiment continues where it stopped.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from recipe.trainer import REPO_ROOT
+from recipe.trainer import REPO_ROOT, evaluated_step
 
 ARMS = {
     "sft": {"loss.align_weight": 0, "loss.vsd_weight": 0, "teacher.path": None},
@@ -47,8 +47,10 @@ def overrides(values: dict) -> list[str]:
 
 def train(config: str, out_dir: str, settings: dict, extra: list[str], log_path: str) -> None:
     """One training run (with its final evaluation on data.eval) in its own process, as DeepSpeed owns the
-    process group; skipped when finished."""
-    if os.path.isfile(os.path.join(out_dir, "final", "eval.json")):
+    process group; skipped when finished and evaluated at settings["max_steps"]; a shorter finished run
+    is extended (the trainer resumes it)."""
+    final = os.path.join(out_dir, "final")
+    if evaluated_step(final) == settings["max_steps"]:
         return
     cmd = [sys.executable, "-m", "recipe.train", "--config", config,
            *overrides({"output_dir": out_dir, **settings}), *[a for o in extra for a in ("--set", o)]]
@@ -57,6 +59,9 @@ def train(config: str, out_dir: str, settings: dict, extra: list[str], log_path:
         proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise SystemExit(f"training failed ({' '.join(cmd)}); see {log_path}")
+    if evaluated_step(final) != settings["max_steps"]:
+        raise SystemExit(f"{out_dir} holds a run of {evaluated_step(final)} steps, not the {settings['max_steps']} "
+                         f"asked for; remove it or choose another --out")
 
 
 def accuracy(run_dir: str) -> dict:

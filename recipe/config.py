@@ -75,7 +75,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # the student, and the teacher's layers in the switch pass
     loss: LossConfig = field(default_factory=LossConfig)
     train_vision_tower: bool = True  # False freezes E_S, which disables what VSD is for
-    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    precision: str = "auto"  # auto: bf16 on GPUs that have it (Ampere and newer), else fp32
     attention: str = "auto"  # auto: flash_attention_2 when installed on CUDA, else sdpa
     log_every: int = 1
     eval_every: int = 0  # optimizer steps between evaluations on data.eval (0: none); always once at the end
@@ -177,19 +177,33 @@ def validate(config: TrainConfig) -> TrainConfig:
         problems.append("data.train is required (one or more shard directories)")
     if (config.max_steps is None) == (config.epochs is None):
         problems.append("give exactly one of max_steps and epochs")
-    for key in ("micro_batch_size", "grad_accum", "save_every", "keep_checkpoints", "data.max_length", "log_every"):
-        if _lookup(config, key) < 1:
+    for key in ("micro_batch_size", "grad_accum", "save_every", "keep_checkpoints", "data.max_length", "log_every",
+                "eval_batch_size", "eval_max_new_tokens", "max_steps", "eval_max_samples"):
+        if _lookup(config, key) is not None and _lookup(config, key) < 1:
             problems.append(f"{key} must be >= 1, got {_lookup(config, key)}")
-    if config.max_steps is not None and config.max_steps < 1:
-        problems.append(f"max_steps must be >= 1, got {config.max_steps}")
+    for key in ("data.num_workers", "eval_every", "optim.warmup_steps", "optim.weight_decay", "grad_clip"):
+        if _lookup(config, key) < 0:
+            problems.append(f"{key} must be >= 0, got {_lookup(config, key)}")
+    if config.epochs is not None and config.epochs <= 0:
+        problems.append(f"epochs must be > 0, got {config.epochs}")
+    optim = config.optim
+    if optim.lr <= 0 or optim.eps <= 0:
+        problems.append(f"optim.lr and optim.eps must be > 0, got lr={optim.lr}, eps={optim.eps}")
+    if not 0 <= optim.min_lr_ratio <= 1:
+        problems.append(f"optim.min_lr_ratio must be in [0, 1], got {optim.min_lr_ratio}")
+    if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
+        problems.append(f"optim.betas must be two numbers in [0, 1), got {optim.betas}")
     loss = config.loss
     if min(loss.ce_weight, loss.align_weight, loss.vsd_weight) < 0:
         problems.append("loss weights must be >= 0")
     if loss.temperature <= 0:
         problems.append(f"loss.temperature must be > 0, got {loss.temperature}")
-    if loss.candidates < 2 or loss.k_min < 2 or (loss.k_max is not None and loss.k_max < loss.k_min):
-        problems.append(f"need candidates >= 2, k_min >= 2 and k_max >= k_min; got candidates={loss.candidates}, "
+    k_max = loss.candidates if loss.k_max is None else loss.k_max
+    if not 2 <= loss.k_min <= k_max <= loss.candidates:
+        problems.append(f"need 2 <= loss.k_min <= loss.k_max <= loss.candidates; got candidates={loss.candidates}, "
                         f"k_min={loss.k_min}, k_max={loss.k_max}")
+    if loss.bild_top_k < 2:
+        problems.append(f"loss.bild_top_k must be >= 2 (pairs of top logits), got {loss.bild_top_k}")
     if not config.distill and (loss.align_weight > 0 or loss.vsd_weight > 0):
         problems.append("loss.align_weight / loss.vsd_weight > 0 need teacher.path (set both weights to 0 for plain SFT)")
     if config.distill and loss.vsd_weight > 0 and not config.train_vision_tower:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
@@ -27,6 +28,16 @@ def parse_args(argv=None):
                         help="override a config key, e.g. --set optim.lr=1e-4 (repeatable)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return parser.parse_args(argv)
+
+
+def auto_precision() -> str:
+    """bf16 on GPUs that compute in it (Ampere and newer); fp32 elsewhere. Not fp16 on older GPUs: some
+    models (Qwen2.5 among them) overflow its range; precision: fp16 asks for it, with loss scaling."""
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False):
+        return "bf16"
+    if torch.cuda.is_available():
+        print("[train] this GPU has no bf16: training in fp32 (precision: fp16 for loss-scaled fp16)", flush=True)
+    return "fp32"
 
 
 def build_models(cfg, precision):
@@ -56,15 +67,43 @@ def build_models(cfg, precision):
 
 def build_data(cfg, student, tokenizer):
     from recipe.data import Collator, ResumableDistributedSampler, ShardDataset
-    from recipe.models import image_token_count, load_image_processor
+    from recipe.models import image_token_count, load_image_processor, same_preprocessing
 
     dataset = ShardDataset(cfg.data.train)
     sampler = ResumableDistributedSampler(len(dataset), rank=T.rank(), world_size=T.world_size(), seed=cfg.seed)
-    collator = Collator(tokenizer, load_image_processor(cfg.student.path),
-                        num_image_tokens=image_token_count(student.config),
+    student_processor = load_image_processor(cfg.student.path)
+    teacher_processor = load_image_processor(cfg.teacher.path) if cfg.distill else None
+    if teacher_processor is not None and same_preprocessing(teacher_processor, student_processor):
+        teacher_processor = None  # one set of pixel values serves both models
+    collator = Collator(tokenizer, student_processor, num_image_tokens=image_token_count(student.config),
                         image_token_id=student.config.image_token_id, max_length=cfg.data.max_length,
-                        template=cfg.data.template)
+                        template=cfg.data.template, teacher_image_processor=teacher_processor)
     return dataset, sampler, collator
+
+
+def plan_steps(cfg, num_samples: int, world: int) -> int:
+    """Optimizer steps of the run: max_steps, or epochs x steps per epoch. Each rank must get at least one
+    micro-batch per epoch (otherwise every epoch would yield nothing and the loop would wait forever)."""
+    per_rank = -(-num_samples // world)
+    if per_rank < cfg.micro_batch_size:
+        raise ConfigError(f"data.train has {num_samples} samples, {per_rank} per rank on {world} ranks: fewer than "
+                          f"micro_batch_size={cfg.micro_batch_size}; lower micro_batch_size or add data")
+    if cfg.max_steps:
+        return cfg.max_steps
+    steps_per_epoch = num_samples // (cfg.micro_batch_size * world) // cfg.grad_accum
+    if steps_per_epoch == 0:
+        raise ConfigError(f"epochs: one optimizer step takes micro_batch_size x grad_accum x ranks = "
+                          f"{cfg.micro_batch_size * cfg.grad_accum * world} samples, data.train has {num_samples}; "
+                          f"lower grad_accum or give max_steps")
+    return max(1, int(cfg.epochs * steps_per_epoch))
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """In DataLoader workers. SLURM signals every process of a job step (scancel, requeue, preemption); a
+    worker killed by that SIGTERM would crash the trainer before it can save. The trainer alone decides
+    when to stop, and shuts its workers down itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def batches(dataset, sampler, collator, cfg):
@@ -72,7 +111,8 @@ def batches(dataset, sampler, collator, cfg):
     while True:
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.micro_batch_size, sampler=sampler,
                                              collate_fn=collator, num_workers=cfg.data.num_workers,
-                                             drop_last=True, persistent_workers=False)
+                                             drop_last=True, persistent_workers=False,
+                                             worker_init_fn=_ignore_stop_signals)
         for batch in loader:
             yield batch
         sampler.set_epoch(sampler.epoch + 1)
@@ -121,7 +161,7 @@ def main(argv=None):
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
+    precision = cfg.precision if cfg.precision != "auto" else auto_precision()
     stop = T.StopRequest()  # first: a preemption signal during start-up must not be lost
 
     # ---- distributed
@@ -139,17 +179,16 @@ def main(argv=None):
         # ZeRO-3: no rank ever holds a whole model. Kept for the run: transformers holds a weak reference.
         _zero3_loading = T.zero3_loading(ds_config)
         student, teacher, tokenizer = build_models(cfg, precision)
+        dataset, sampler, collator = build_data(cfg, student, tokenizer)
+        world = T.world_size()
+        max_steps = plan_steps(cfg, len(dataset), world)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         sys.exit(f"config error: {e}")
     if is_main:
         (s_total, s_here), (t_total, t_here) = T.parameter_counts(student), T.parameter_counts(teacher)
         print(f"[train] loaded student {s_total / 1e6:.1f}M and teacher {t_total / 1e6:.1f}M parameters; "
               f"rank 0 holds {(s_here + t_here) / (s_total + t_total):.0%} of them", flush=True)
-    dataset, sampler, collator = build_data(cfg, student, tokenizer)
-    world = T.world_size()
     samples_per_step = cfg.micro_batch_size * cfg.grad_accum * world
-    steps_per_epoch = len(dataset) // (cfg.micro_batch_size * world) // cfg.grad_accum
-    max_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
 
     # ---- engine: one DeepSpeed engine over student + frozen teacher; the optimizer sees the student only
     from recipe.models import SwitchKDModel
@@ -231,17 +270,18 @@ def main(argv=None):
             return 0
     bar.close()
 
-    # ---- export, then a final evaluation (once: a rerun of a finished job finds final/eval.json)
+    # ---- export, then a final evaluation (once per final step: a rerun of a finished job finds final/eval.json)
     final_dir = os.path.join(cfg.output_dir, "final")
-    already_evaluated = os.path.exists(os.path.join(final_dir, "eval.json"))
+    already_evaluated = T.evaluated_step(final_dir) == step
     T.export_student(engine, student, final_dir, tokenizer, cfg.student.path)
     if is_main:
         print(f"[train] done: {step} steps; student exported to {final_dir}", flush=True)
     if cfg.data.eval and not already_evaluated:
         record = evaluate_during_training(cfg, engine, student, tokenizer, step)
         metrics.write(record)
-        if is_main:  # atomically: its presence marks the run as evaluated (here and in recipe.ablation)
-            write_atomically(os.path.join(final_dir, "eval.json"), json.dumps(record["eval"], indent=1).encode())
+        if is_main:  # atomically: it marks the run as evaluated at this step (here and in recipe.ablation)
+            write_atomically(os.path.join(final_dir, "eval.json"),
+                             json.dumps({"step": step, **record["eval"]}, indent=1).encode())
     return 0
 
 

@@ -75,22 +75,30 @@ def deepspeed_config(cfg, precision: str) -> dict:
     stage = ds.get("zero_optimization", {}).get("stage")
     if stage != cfg.zero_stage:
         raise ValueError(f"{path} sets ZeRO stage {stage} but the config asks for zero_stage={cfg.zero_stage}")
-    filled = {
-        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum,
-        "gradient_clipping": cfg.grad_clip,
-    }
-    for key, value in filled.items():
-        if ds.get(key, "auto") == "auto":
-            ds[key] = value
+    if "scheduler" in ds:
+        raise ConfigError(f"{path} has a scheduler section; the recipe sets the LR schedule itself (optim.*)")
+    # The loop counts micro-batches, steps and checkpoints from the recipe config, so DeepSpeed must use the
+    # same values: "auto" is filled in, anything else must agree.
+    _fill(ds, {"train_micro_batch_size_per_gpu": ("micro_batch_size", cfg.micro_batch_size),
+               "gradient_accumulation_steps": ("grad_accum", cfg.grad_accum),
+               "gradient_clipping": ("grad_clip", cfg.grad_clip)}, path, "")
     ds.setdefault("bf16", {})["enabled"] = precision == "bf16"
     ds.setdefault("fp16", {})["enabled"] = precision == "fp16"
     params = ds.setdefault("optimizer", {"type": "AdamW"}).setdefault("params", {})
-    for key, value in {"lr": cfg.optim.lr, "betas": cfg.optim.betas, "eps": cfg.optim.eps,
-                       "weight_decay": cfg.optim.weight_decay}.items():
-        if params.get(key, "auto") == "auto":
-            params[key] = value
+    _fill(params, {"lr": ("optim.lr", cfg.optim.lr), "betas": ("optim.betas", cfg.optim.betas),
+                   "eps": ("optim.eps", cfg.optim.eps), "weight_decay": ("optim.weight_decay", cfg.optim.weight_decay)},
+          path, "optimizer.params.")
     return ds
+
+
+def _fill(section: dict, values: dict, path: str, prefix: str) -> None:
+    for key, (recipe_key, value) in values.items():
+        given = section.get(key, "auto")
+        if given == "auto":
+            section[key] = value
+        elif given != value:
+            raise ConfigError(f"{path} sets {prefix}{key}={given!r} but the recipe config has {recipe_key}={value!r}; "
+                              f"set it to \"auto\" there or make the two agree")
 
 
 def zero3_loading(ds_config: dict):
@@ -212,13 +220,21 @@ class MetricsLog:
         self.enabled = rank() == 0
         if self.enabled and os.path.exists(path):
             with open(path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                kept = [line for line in f if _step_of(line) <= resume_step]
             write_atomically(path, "".join(kept).encode())  # a crash here must not lose the kept lines
 
     def write(self, record: dict) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a blank or torn one (a crash mid-write) sorts after every step."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return math.inf
 
 
 # ---------------------------------------------------------------- preemption
@@ -240,6 +256,16 @@ class StopRequest:
 
 
 # ---------------------------------------------------------------- export
+
+def evaluated_step(final_dir: str) -> int | None:
+    """The step whose exported student final/eval.json scores, None when there is none (or it is older
+    than this field). A run extended past that step is evaluated again."""
+    try:
+        with open(os.path.join(final_dir, "eval.json")) as f:
+            return json.load(f).get("step")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
 
 def export_student(engine, student, out_dir: str, tokenizer, student_path: str) -> None:
     """Save the student with save_pretrained (gathering ZeRO-3 partitions) plus tokenizer and processor."""

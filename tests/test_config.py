@@ -8,6 +8,7 @@ import pytest
 
 from assets import REPO
 from recipe.config import ConfigError, load_config
+from recipe.train import plan_steps
 from recipe.trainer import deepspeed_config, zero3_loading
 
 
@@ -41,6 +42,34 @@ def test_errors_list_what_is_valid(tmp_path):
         load_config(demo, ["optim.lr"])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("eval_batch_size=0", "eval_batch_size must be >= 1, got 0"),
+    ("data.num_workers=-1", "data.num_workers must be >= 0, got -1"),
+    ("optim.min_lr_ratio=-0.1", r"optim.min_lr_ratio must be in \[0, 1\], got -0.1"),
+    ("optim.betas=[0.9]", r"optim.betas must be two numbers in \[0, 1\), got \[0.9\]"),
+    ("loss.k_max=65", "need 2 <= loss.k_min <= loss.k_max <= loss.candidates; got candidates=64, k_min=2, k_max=65"),
+    ("loss.k_min=1", "need 2 <= loss.k_min"),
+    ("loss.bild_top_k=1", "loss.bild_top_k must be >= 2"),
+])
+def test_values_that_would_fail_later_are_refused_up_front(override, message):
+    demo = os.path.join(REPO, "recipe/configs/demo_switchkd.yaml")
+    with pytest.raises(ConfigError, match=message):
+        load_config(demo, [override, "loss.candidates=64"])
+
+
+def test_epochs_and_data_size_plan_the_steps_or_say_why_they_cannot():
+    demo = os.path.join(REPO, "recipe/configs/demo_switchkd.yaml")
+    cfg = load_config(demo, ["max_steps=null", "epochs=2", "micro_batch_size=4", "grad_accum=2"])
+    assert plan_steps(cfg, num_samples=100, world=2) == 2 * (100 // 8 // 2)
+    # An epoch that gives a rank no micro-batch would make the loop wait forever.
+    with pytest.raises(ConfigError, match="data.train has 6 samples, 3 per rank on 2 ranks: fewer than micro_batch_size=4"):
+        plan_steps(cfg, num_samples=6, world=2)
+    with pytest.raises(ConfigError, match="one optimizer step takes .* = 16 samples, data.train has 12"):
+        plan_steps(cfg, num_samples=12, world=2)
+    steps = load_config(demo, ["micro_batch_size=4", "grad_accum=2"])  # max_steps: one step may span epochs
+    assert plan_steps(steps, num_samples=12, world=2) == steps.max_steps
+
+
 def test_deepspeed_config_fills_every_auto_from_the_recipe_config():
     cfg = load_config(os.path.join(REPO, "recipe/configs/tinyllava_3b_to_0p5b.yaml"))
     ds = deepspeed_config(cfg, "bf16")
@@ -51,6 +80,27 @@ def test_deepspeed_config_fills_every_auto_from_the_recipe_config():
     for name in ("zero2.json", "zero3.json", "zero3_offload.json"):
         with open(os.path.join(REPO, "ds_configs", name)) as f:
             json.load(f)
+
+
+def test_deepspeed_config_values_that_disagree_with_the_recipe_are_refused(tmp_path):
+    with open(os.path.join(REPO, "ds_configs", "zero2.json")) as f:
+        base = json.load(f)
+
+    def ds_for(**changes):
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps({**base, **changes}))
+        cfg = load_config(os.path.join(REPO, "recipe/configs/demo_switchkd.yaml"),
+                          [f"ds_config={path}", "grad_accum=2", "micro_batch_size=4"])
+        return deepspeed_config(cfg, "fp32")
+
+    # The loop counts steps by grad_accum: DeepSpeed stepping every 8 micro-batches would disagree.
+    with pytest.raises(ConfigError, match=r"sets gradient_accumulation_steps=8 but the recipe config has grad_accum=2"):
+        ds_for(gradient_accumulation_steps=8)
+    with pytest.raises(ConfigError, match=r"sets optimizer.params.lr=0.1 but the recipe config has optim.lr="):
+        ds_for(optimizer={"type": "AdamW", "params": {**base["optimizer"]["params"], "lr": 0.1}})
+    with pytest.raises(ConfigError, match="has a scheduler section"):
+        ds_for(scheduler={"type": "WarmupLR"})
+    assert ds_for(gradient_accumulation_steps=2, train_micro_batch_size_per_gpu=4)["gradient_accumulation_steps"] == 2
 
 
 def test_zero3_without_accelerate_names_the_missing_package(monkeypatch):

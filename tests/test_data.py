@@ -196,6 +196,34 @@ def test_jsonl_input_and_several_files(tmp_path, image_root):
     assert [dataset[i]["id"] for i in range(len(dataset))] == [s["id"] for s in GOOD]
 
 
+def test_jsonl_records_may_hold_unicode_line_separators(tmp_path, image_root):
+    # json.dumps(ensure_ascii=False) leaves U+2028, U+0085 and friends raw inside strings; only "\n" ends a record.
+    records = [{"id": "sep", "conversations": turns("Line\u2028break\x85here?", "Yes\u2029\x1c.")}, GOOD[6]]
+    jsonl = tmp_path / "sep.jsonl"
+    jsonl.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\r\n", encoding="utf-8")
+    out = tmp_path / "shards"
+    stats = convert_to_shards(str(jsonl), str(image_root), str(out), progress=False)
+    dataset = ShardDataset(str(out))
+    assert stats["kept"] == 2 and dataset[0]["conversations"] == records[0]["conversations"]
+
+
+def test_16_bit_grayscale_keeps_its_range_and_float_images_are_rejected(tmp_path):
+    ramp = np.linspace(0, 65535, 64).astype(np.uint16).reshape(8, 8)
+    Image.fromarray(ramp).save(tmp_path / "gray16.png")
+    Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8), mode="F").save(tmp_path / "float.tif")
+    with Image.open(tmp_path / "gray16.png") as check:
+        assert check.mode.startswith("I")  # really a 16-bit file
+    records = [image_sample("g16", "gray16.png", "<image>\nQ?", "A."), image_sample("f32", "float.tif", "<image>\nQ?", "A.")]
+    out = tmp_path / "shards"
+    stats = convert(records, tmp_path, out)
+    pixels = np.asarray(ShardDataset(str(out))[0]["image"])
+    # PIL's own convert("RGB") would clip at 255: all but the first pixel white.
+    assert np.array_equal(pixels[..., 0], np.round(ramp / 257).astype(np.uint8))
+    assert (pixels[..., 0] == pixels[..., 2]).all()
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert stats["kept"] == 1 and [(r["id"], r["reason"]) for r in rejects] == [("f32", "undecodable_image")]
+
+
 def test_cli_errors_are_one_line_and_non_zero(tmp_path, image_root):
     absent = tmp_path / "absent.json"
     missing = run_script("llava_to_shards.py", "--json", absent, "--image-root", image_root, "--out", tmp_path / "o")

@@ -1,6 +1,9 @@
 """The three passes on tiny real checkpoints: correctness against HF's own forward, gradient routing,
 the teacher cache, the pairing check and the no-(B x T x V) rule."""
 import copy
+import importlib.util
+import os
+import shutil
 import types
 
 import pytest
@@ -11,7 +14,8 @@ from recipe.config import LossConfig
 from recipe.data import Collator, ShardDataset
 from recipe.losses.objective import switch_kd_objective
 from recipe.models import (IncompatiblePair, SwitchKDModel, check_pair, enable_switch_checkpointing, image_token_count,
-                           load_image_processor, load_tokenizer, load_vlm, run_passes, supervised_positions)
+                           load_image_processor, load_tokenizer, load_vlm, pick_attention, run_passes,
+                           same_preprocessing, supervised_positions)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +66,40 @@ def test_teacher_pass_matches_hf_forward_at_supervised_positions(pair, mixed_bat
     sample, position, targets = supervised_positions(mixed_batch["labels"])
     assert torch.allclose(passes.teacher, full[sample, position], atol=1e-4)
     assert torch.equal(passes.targets, mixed_batch["labels"][sample, position + 1])
+
+
+def test_a_teacher_that_preprocesses_differently_sees_its_own_pixel_values(demo_assets, pair):
+    """SPEC: the teacher pass takes E_T(image_T). A teacher with other normalisation gets its own pixels."""
+    student, teacher = pair
+    student_processor = load_image_processor(demo_assets["student"])
+    teacher_processor = copy.deepcopy(student_processor)
+    assert same_preprocessing(teacher_processor, student_processor)
+    teacher_processor.image_mean, teacher_processor.image_std = [0.4, 0.45, 0.5], [0.25, 0.26, 0.27]
+    assert not same_preprocessing(teacher_processor, student_processor)
+    dataset = ShardDataset(demo_assets["train"])
+    images = [i for i in range(len(dataset)) if dataset.meta(i).get("image")][:2]
+    text = [i for i in range(len(dataset)) if not dataset.meta(i).get("image")][:1]
+    collator = Collator(load_tokenizer(demo_assets["student"]), student_processor,
+                        num_image_tokens=image_token_count(student.config), image_token_id=student.config.image_token_id,
+                        max_length=256, teacher_image_processor=teacher_processor)
+    batch = collator([dataset[i] for i in images + text])
+    assert batch["teacher_pixel_values"].shape == batch["pixel_values"].shape
+    assert not torch.allclose(batch["teacher_pixel_values"], batch["pixel_values"])
+
+    passes = run_passes(student, teacher, batch)
+    sample, position, _ = supervised_positions(batch["labels"])
+    with torch.no_grad():
+        own, shared = (teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               pixel_values=batch[key]).logits[sample, position]
+                       for key in ("teacher_pixel_values", "pixel_values"))
+    assert torch.allclose(passes.teacher, own, atol=1e-4) and not torch.allclose(passes.teacher, shared, atol=1e-3)
+    # The switch pass still runs on the student's own features (E_S(image_S)).
+    assert torch.equal(run_passes(student, teacher, {k: v for k, v in batch.items() if k != "teacher_pixel_values"}).switch,
+                       passes.switch)
+    # A text-only micro-batch (the stand-in image path) works with the teacher's empty pixel values too.
+    text_only = collator([dataset[i] for i in text])
+    assert text_only["teacher_pixel_values"].shape[0] == 0
+    assert run_passes(student, teacher, text_only).teacher.shape[0] > 0
 
 
 def test_switch_pass_equals_teacher_pass_when_student_vision_is_the_teachers(pair, mixed_batch):
@@ -205,6 +243,20 @@ def test_pair_check_names_mismatched_vision_width_and_vocabulary(demo_assets):
     fewer_tokens.vision_config.patch_size = 16
     with pytest.raises(IncompatiblePair, match="image tokens per image"):
         check_pair(teacher_cfg, fewer_tokens)
+
+
+def test_a_checkpoint_without_tokenizer_is_named(tmp_path, demo_assets):
+    shutil.copy(os.path.join(demo_assets["teacher"], "config.json"), tmp_path / "config.json")
+    with pytest.raises(FileNotFoundError, match=f"no usable tokenizer in '{tmp_path}'"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_auto_attention_takes_flash_attention_only_in_16_bit_on_cuda(monkeypatch):
+    # As on a GPU node with flash-attn installed (this machine has neither): fp32 has no flash kernels.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
+    assert [pick_attention("auto", p) for p in ("bf16", "fp16", "fp32")] == ["flash_attention_2"] * 2 + ["sdpa"]
+    assert pick_attention("eager", "bf16") == "eager"
 
 
 def test_pair_check_compares_tokenizers(demo_assets):

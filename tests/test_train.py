@@ -124,7 +124,8 @@ def test_zero2_and_zero3_give_the_same_losses(tmp_path, demo_assets, uninterrupt
 
 
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, demo_assets, uninterrupted):
-    config, out = write_config(tmp_path, demo_assets, "zero2", max_steps=12)
+    # With a DataLoader worker: SLURM's SIGTERM reaches it too, and it must not take the trainer down.
+    config, out = write_config(tmp_path, demo_assets, "zero2", max_steps=12, **{"data.num_workers": 1})
     env = dict(os.environ, PYTHONPATH=REPO, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     proc = subprocess.Popen(torchrun_cmd(config), cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -151,6 +152,18 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, demo_assets
     b = load_file(os.path.join(out, "final", "model.safetensors"))
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+def test_resumed_metrics_keep_the_steps_up_to_the_checkpoint_and_drop_a_torn_line(tmp_path):
+    from recipe.trainer import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3)] + [json.dumps({"step": 2, "eval": {}})]
+    path.write_text("\n".join(lines) + '\n{"step": 4, "lo')  # a node died mid-write
+    log = MetricsLog(str(path), resume_step=2)
+    log.write({"step": 3, "loss": 0.5})
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}, {"step": 2, "eval": {}}, {"step": 3, "loss": 0.5}]
 
 
 def run_expecting_failure(config: str) -> str:

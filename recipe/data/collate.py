@@ -6,6 +6,8 @@ Batch dict:
   labels          (B, T) long, -100 on padding and on everything but answers (not shifted)
   pixel_values    (N_img, 3, H, W) float32: the images of the rows with has_image, in row order;
                   (0, 3, H, W) when no row has an image
+  teacher_pixel_values  the same images through the teacher's image processor, only when the collator
+                  has one (a teacher that preprocesses differently from the student: SPEC's image_T)
   has_image       (B,) bool
   ids             list of B sample ids
   dropped         {reason: count} of items left out of this batch (see conversation.DroppedSample)
@@ -34,6 +36,7 @@ class Collator:
         max_length: int,
         template: str = "auto",
         pad_to_multiple_of: int | None = None,
+        teacher_image_processor=None,
     ):
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token first")
@@ -41,7 +44,8 @@ class Collator:
         self.num_image_tokens, self.image_token_id = num_image_tokens, image_token_id
         self.image_token = tokenizer.convert_ids_to_tokens(image_token_id)
         self.max_length, self.template, self.pad_to_multiple_of = max_length, template, pad_to_multiple_of
-        self._image_shape = None  # (3, H, W) the processor produces, for the empty pixel_values
+        self.teacher_image_processor = teacher_image_processor
+        self._image_shapes = {}  # processor id -> (3, H, W) it produces, for empty pixel_values
 
     def __call__(self, items: list[dict]) -> dict:
         rows, images, dropped = [], [], {}
@@ -77,20 +81,23 @@ class Collator:
             input_ids[row, :n] = encoded["input_ids"]
             labels[row, :n] = encoded["labels"]
             attention_mask[row, :n] = 1
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
-            "pixel_values": self._pixel_values(images),
+            "pixel_values": self._pixel_values(self.image_processor, images),
             "has_image": torch.tensor([with_image for _, _, with_image in rows], dtype=torch.bool),
             "ids": [sample_id for sample_id, _, _ in rows],
             "dropped": dropped,
         }
+        if self.teacher_image_processor is not None:
+            batch["teacher_pixel_values"] = self._pixel_values(self.teacher_image_processor, images)
+        return batch
 
-    def _pixel_values(self, images: list) -> torch.Tensor:
+    def _pixel_values(self, processor, images: list) -> torch.Tensor:
         if images:
-            return self.image_processor(images=images, return_tensors="pt")["pixel_values"].to(torch.float32)
-        if self._image_shape is None:  # ask the processor once what it makes of an image
-            probe = self.image_processor(images=[Image.new("RGB", (8, 8))], return_tensors="pt")["pixel_values"]
-            self._image_shape = tuple(probe.shape[1:])
-        return torch.zeros((0, *self._image_shape), dtype=torch.float32)
+            return processor(images=images, return_tensors="pt")["pixel_values"].to(torch.float32)
+        if id(processor) not in self._image_shapes:  # ask the processor once what it makes of an image
+            probe = processor(images=[Image.new("RGB", (8, 8))], return_tensors="pt")["pixel_values"]
+            self._image_shapes[id(processor)] = tuple(probe.shape[1:])
+        return torch.zeros((0, *self._image_shapes[id(processor)]), dtype=torch.float32)

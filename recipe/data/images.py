@@ -6,6 +6,7 @@ decodes the same way at training time.
 
 import io
 
+import numpy as np
 from PIL import Image
 
 # PIL format name -> member extension in the shard (no dots: the tar key/extension split relies on it).
@@ -15,11 +16,17 @@ _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF":
 def decode_rgb(data: bytes) -> Image.Image:
     """Decode image bytes fully and return an RGB image (grayscale, palette, RGBA, CMYK... -> RGB).
 
-    Same conversion as LLaVA's `Image.open(f).convert("RGB")`: alpha is dropped, no EXIF rotation.
-    Raises OSError/ValueError (whatever PIL raises) on truncated or corrupt data.
+    Same conversion as LLaVA's `Image.open(f).convert("RGB")`: alpha is dropped, no EXIF rotation; except
+    that 16-bit grayscale is scaled to 8 bits (PIL's convert clips it at 255: a white image).
+    Raises OSError/ValueError (whatever PIL raises) on truncated or corrupt data, ValueError on float images.
     """
     with Image.open(io.BytesIO(data)) as image:
         image.load()  # decode now: a truncated file fails here, not later in a DataLoader worker
+        if image.mode == "F":
+            raise ValueError("32-bit float image: no defined 8-bit range to convert it to")
+        if image.mode == "I" or image.mode.startswith("I;16"):
+            eight_bit = (np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8)
+            return Image.fromarray(eight_bit, "L").convert("RGB")
         return image.convert("RGB")
 
 

@@ -64,7 +64,8 @@ def load_records(json_files: list[str]) -> list:
         except (OSError, UnicodeDecodeError) as error:
             raise InputError(f"cannot read input file {path}: {error}") from None
         if path.endswith(".jsonl"):
-            for lineno, line in enumerate(text.splitlines(), 1):
+            # Records end at "\n" only: splitlines() would also split inside strings at U+2028, U+0085...
+            for lineno, line in enumerate(text.split("\n"), 1):
                 if line.strip():
                     records.append(_parse_json(line, f"{path}:{lineno}"))
         else:

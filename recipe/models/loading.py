@@ -12,11 +12,13 @@ from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalG
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def pick_attention(requested: str = "auto") -> str:
-    """flash_attention_2 when installed and on CUDA, else SDPA; an explicit request is honoured."""
+def pick_attention(requested: str = "auto", precision: str = "bf16") -> str:
+    """flash_attention_2 when installed, on CUDA and in 16-bit precision (it has no fp32 kernels), else
+    SDPA; an explicit request is honoured."""
     if requested != "auto":
         return requested
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+    if (precision in ("bf16", "fp16") and torch.cuda.is_available()
+            and importlib.util.find_spec("flash_attn") is not None):
         return "flash_attention_2"
     return "sdpa"
 
@@ -28,11 +30,15 @@ def load_vlm(path: str, *, precision: str = "fp32", attention: str = "auto") -> 
     if precision not in DTYPES:
         raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
     return LlavaForConditionalGeneration.from_pretrained(
-        path, dtype=DTYPES[precision], attn_implementation=pick_attention(attention))
+        path, dtype=DTYPES[precision], attn_implementation=pick_attention(attention, precision))
 
 
 def load_tokenizer(path: str):
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:  # no tokenizer files, or ones transformers cannot read
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FileNotFoundError(f"no usable tokenizer in {path!r} (save it next to the model): {reason}") from None
 
 
 def load_image_processor(path: str):
@@ -51,6 +57,14 @@ def load_image_processor(path: str):
             if "image_processor_type" in config:
                 return getattr(transformers, config["image_processor_type"]).from_pretrained(path)
     raise FileNotFoundError(f"no image processor config in {path!r} (preprocessor_config.json or processor_config.json)")
+
+
+def same_preprocessing(a, b) -> bool:
+    """Whether two image processors turn every image into the same pixel values: the same settings,
+    whatever the class name (e.g. a fast and a slow variant)."""
+    def settings(processor):
+        return {k: v for k, v in processor.to_dict().items() if k not in ("image_processor_type", "processor_class")}
+    return settings(a) == settings(b)
 
 
 def vision_feature_layers(config) -> list[int]:

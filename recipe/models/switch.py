@@ -131,7 +131,9 @@ def run_passes(student, teacher, batch: dict, *, with_switch: bool = True) -> Pa
     """Teacher (cached), student and switch passes of one micro-batch.
 
     batch: input_ids, attention_mask, labels (B, T); pixel_values (images, 3, H, W) for the samples
-    whose has_image (B,) is set, in batch order. Text-only samples get no switch pass.
+    whose has_image (B,) is set, in batch order; teacher_pixel_values, when present, the same images as the
+    teacher preprocesses them (E_T's input; otherwise E_T takes pixel_values). Text-only samples get no
+    switch pass.
     """
     input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     has_image = batch["has_image"]
@@ -149,8 +151,12 @@ def run_passes(student, teacher, batch: dict, *, with_switch: bool = True) -> Pa
     if teacher is None:
         return out
 
+    if "teacher_pixel_values" in batch:
+        teacher_pixels = stand_in_image(teacher) if stand_in else batch["teacher_pixel_values"]
+    else:
+        teacher_pixels = pixel_values
     with torch.no_grad():
-        teacher_embeds = teacher.model.multi_modal_projector(vision_features(teacher, pixel_values))
+        teacher_embeds = teacher.model.multi_modal_projector(vision_features(teacher, teacher_pixels))
         teacher_hidden = language_hidden(teacher, input_ids, attention_mask, None if stand_in else teacher_embeds)
         out.teacher = supervised_logits(teacher, teacher_hidden, sample, position)
 
