@@ -536,12 +536,15 @@ def _pair_branch(r_row, t_row, idx_ptr, k, loss_ptr, g_ptr, inv_tau,
     # Masked pairs become -inf before exp (exp -> 0) and 0 before any product: no NaN can leak.
     mr = tl.max(tl.max(tl.where(pair, dr, float("-inf")), axis=1), axis=0)
     mt = tl.max(tl.max(tl.where(pair, dt, float("-inf")), axis=1), axis=0)
-    sr = tl.sum(tl.sum(tl.exp(tl.where(pair, dr - mr, float("-inf"))), axis=1), axis=0)
-    et = tl.exp(tl.where(pair, dt - mt, float("-inf")))
+    # Shifted by the maxima first (as log_softmax does): exact for the leading pairs however large the
+    # logit gaps, where d - (m + log s) would lose ulp(|d|) (1e-3 at gaps of 1e4).
+    xr = dr - mr
+    xt = dt - mt
+    sr = tl.sum(tl.sum(tl.exp(tl.where(pair, xr, float("-inf"))), axis=1), axis=0)
+    et = tl.exp(tl.where(pair, xt, float("-inf")))
     st = tl.sum(tl.sum(et, axis=1), axis=0)
-    # log p_t - log p_r = (d_t - d_r) - (lse_t - lse_r), lse = m + log(s)
-    shift = (mt + tl.log(st)) - (mr + tl.log(sr))
-    log_ratio = tl.where(pair, (dt - dr) - shift, 0.0)
+    # log p_t - log p_r = (x_t - log s_t) - (x_r - log s_r)
+    log_ratio = tl.where(pair, (xt - xr) - (tl.log(st) - tl.log(sr)), 0.0)
     p_t = et / st
     loss = tl.sum(tl.sum(p_t * log_ratio, axis=1), axis=0)
     tl.store(loss_ptr, loss)
