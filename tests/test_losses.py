@@ -56,6 +56,22 @@ def test_gradcheck_float64():
         lambda q: dbild_loss(ref, q, candidates=6, k_max=4, temperature=3.0, impl="torch"), (trainee,))
 
 
+@pytest.mark.parametrize("gap", [1e2, 1e4, 1e8])
+def test_large_logit_gaps_keep_float32_precision(gap):
+    """Pair log-probabilities must not round to ulp(largest difference): with three tied leaders far above
+    the rest, `d - logsumexp(d)` lost log 3 on the leading pairs and the loss came out ~3x too large."""
+    r = torch.tensor([[0.4, -1.2, 0.9, 1.5, 0.0, -0.3, 0.2, 0.7]])
+    q = torch.tensor([[gap, gap, gap, 0.5, -0.2, 0.1, -0.5, 0.0]])
+    ours = dbild_branches_torch(r, q, candidates=8, temperature=1.0)
+    exact = dbild_branches_torch(r.double(), q.double(), candidates=8, temperature=1.0)
+    for name in ("ref_led_loss", "trainee_led_loss"):
+        assert ours[name].item() == pytest.approx(exact[name].item(), rel=1e-6), name
+    g = torch.Generator().manual_seed(0)
+    r, q = torch.randn(4, 64, generator=g), torch.randn(4, 64, generator=g) * gap
+    assert dbild_loss(r, q, candidates=16).item() == pytest.approx(dbild_loss(r.double(), q.double(), candidates=16).item(),
+                                                                   rel=1e-6)
+
+
 def test_no_nan_with_full_vocab_window_minimal_k_and_ties():
     ref = torch.tensor([[1.0] * 8, [5.0, 5.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0], R])
     trainee = torch.tensor([[2.0] * 8, [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0], Q], requires_grad=True)

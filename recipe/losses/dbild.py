@@ -50,12 +50,15 @@ def knee_k(window: torch.Tensor, k_min: int, k_max: int) -> torch.Tensor:
 def _pair_log_probs(leading_logits: torch.Tensor, pair_mask: torch.Tensor, temperature: float):
     """Log-softmax over the valid pairs (i < j < k) of the logit differences of one model.
 
-    Masked pairs get finite values and zero probability, so no NaN reaches any gradient.
+    Masked pairs get finite values and zero probability, so no NaN reaches any gradient. The differences
+    are shifted by their (constant) maximum before the normaliser is subtracted, as log_softmax does:
+    `d - logsumexp(d)` would round the leading pairs' log-probabilities to ulp(max d).
     """
     diffs = (leading_logits[:, :, None] - leading_logits[:, None, :]) / temperature
-    diffs = diffs.masked_fill(~pair_mask, 0.0)
-    log_norm = torch.logsumexp(diffs.masked_fill(~pair_mask, float("-inf")), dim=(1, 2), keepdim=True)
-    return diffs - log_norm
+    peak = diffs.masked_fill(~pair_mask, float("-inf")).amax(dim=(1, 2), keepdim=True).detach()
+    shifted = (diffs - peak).masked_fill(~pair_mask, 0.0)
+    log_norm = shifted.masked_fill(~pair_mask, float("-inf")).exp().sum(dim=(1, 2), keepdim=True).log()
+    return shifted - log_norm
 
 
 def pair_mask_for(k: torch.Tensor, k_max: int) -> torch.Tensor:
