@@ -394,6 +394,14 @@ def test_nan_propagates_like_reference():
     assert torch.equal(torch.isnan(ours["trainee_led_loss"]), torch.isnan(want["trainee_led_loss"]))
 
 
+def test_vocabulary_of_one_has_no_pairs_and_gives_zero():
+    r, q = torch.tensor([[0.5], [-2.0]]), torch.tensor([[1.5], [3.0]])
+    loss, grad = _loss_and_grad(kernels.dbild_loss_triton, r, q, candidates=8)
+    parts = kernels.dbild_branches_triton(r, q, candidates=8)
+    assert loss.item() == 0.0 and grad.tolist() == [[0.0], [0.0]]
+    assert parts["ref_led_k"].tolist() == [1, 1] and parts["trainee_led_loss"].tolist() == [0.0, 0.0]
+
+
 def test_zero_rows():
     trainee = torch.zeros(0, 50, requires_grad=True)
     loss = kernels.dbild_loss_triton(torch.zeros(0, 50), trainee)

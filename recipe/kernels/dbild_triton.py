@@ -540,9 +540,13 @@ def _pair_branch(r_row, t_row, idx_ptr, k, loss_ptr, g_ptr, inv_tau,
     # logit gaps, where d - (m + log s) would lose ulp(|d|) (1e-3 at gaps of 1e4).
     xr = dr - mr
     xt = dt - mt
+    # No pair at all (k < 2: a vocabulary of one) leaves the sums 0: loss and gradient 0, as in the reference.
+    # (Otherwise a sum is >= 1 or NaN, which must stay NaN: hence == 0, not a maximum.)
     sr = tl.sum(tl.sum(tl.exp(tl.where(pair, xr, float("-inf"))), axis=1), axis=0)
+    sr = tl.where(sr == 0, 1.0, sr)
     et = tl.exp(tl.where(pair, xt, float("-inf")))
     st = tl.sum(tl.sum(et, axis=1), axis=0)
+    st = tl.where(st == 0, 1.0, st)
     # log p_t - log p_r = (x_t - log s_t) - (x_r - log s_r)
     log_ratio = tl.where(pair, (xt - xr) - (tl.log(st) - tl.log(sr)), 0.0)
     p_t = et / st
