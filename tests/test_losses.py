@@ -72,6 +72,16 @@ def test_large_logit_gaps_keep_float32_precision(gap):
                                                                    rel=1e-6)
 
 
+def test_no_nan_gradient_when_every_pair_difference_is_far_below_zero():
+    # The ref-led window (indices 0, 1) has one pair, whose trainee difference is -200. Masked entries (0)
+    # minus that log-normaliser overflowed exp, and the masking where's backward gave 0 * inf = NaN.
+    r = torch.tensor([[2.0, 1.0, 0.0]])
+    q = torch.tensor([[0.0, 200.0, 0.0]], requires_grad=True)
+    loss = dbild_loss(r, q, candidates=3, k_max=2, temperature=1.0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(q.grad).all()
+
+
 def test_no_nan_with_full_vocab_window_minimal_k_and_ties():
     ref = torch.tensor([[1.0] * 8, [5.0, 5.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0], R])
     trainee = torch.tensor([[2.0] * 8, [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0], Q], requires_grad=True)
