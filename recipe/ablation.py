@@ -59,8 +59,9 @@ def train(config: str, out_dir: str, settings: dict, extra: list[str], log_path:
         proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise SystemExit(f"training failed ({' '.join(cmd)}); see {log_path}")
-    if evaluated_step(final) != settings["max_steps"]:
-        raise SystemExit(f"{out_dir} holds a run of {evaluated_step(final)} steps, not the {settings['max_steps']} "
+    trained = evaluated_step(final)
+    if trained != settings["max_steps"]:
+        raise SystemExit(f"{out_dir} holds a run of {trained} steps, not the {settings['max_steps']} "
                          f"asked for; remove it or choose another --out")
 
 

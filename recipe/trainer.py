@@ -74,7 +74,7 @@ def deepspeed_config(cfg, precision: str) -> dict:
         ds = json.load(f)
     stage = ds.get("zero_optimization", {}).get("stage")
     if stage != cfg.zero_stage:
-        raise ValueError(f"{path} sets ZeRO stage {stage} but the config asks for zero_stage={cfg.zero_stage}")
+        raise ConfigError(f"{path} sets ZeRO stage {stage} but the config asks for zero_stage={cfg.zero_stage}")
     if "scheduler" in ds:
         raise ConfigError(f"{path} has a scheduler section; the recipe sets the LR schedule itself (optim.*)")
     # The loop counts micro-batches, steps and checkpoints from the recipe config, so DeepSpeed must use the
