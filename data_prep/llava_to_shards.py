@@ -12,8 +12,6 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
-
 from recipe.data.shards import InputError, NothingKept, convert_to_shards, summary_line  # noqa: E402
 
 

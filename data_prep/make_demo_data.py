@@ -30,8 +30,6 @@ import time
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
-
 from recipe.data.shards import convert_to_shards  # noqa: E402
 
 COLORS = {

@@ -39,7 +39,13 @@ if [[ "${RECIPE_SKIP_SETUP:-0}" != "1" ]]; then
   # shellcheck disable=SC1091
   source "$ROOT/launch/setup_env.sh"
 fi
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# The workers import the recipe from the python on PATH: it must be this checkout (pip install -e .).
+if ! _found="$(python -c 'import os, recipe; print(os.path.dirname(os.path.dirname(os.path.abspath(recipe.__file__))))' 2>&1)" \
+    || [[ "$_found" != "$ROOT" ]]; then
+  echo "[launch] the python on PATH ($(command -v python)) does not import the recipe from $ROOT" \
+       "(${_found##*$'\n'}); install this checkout into it: pip install -e $ROOT" >&2
+  exit 2
+fi
 
 count_gpus() {
   if [[ "${DS_ACCELERATOR:-}" == "cpu" ]]; then echo 0; return; fi

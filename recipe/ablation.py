@@ -54,9 +54,8 @@ def train(config: str, out_dir: str, settings: dict, extra: list[str], log_path:
         return
     cmd = [sys.executable, "-m", "recipe.train", "--config", config,
            *overrides({"output_dir": out_dir, **settings}), *[a for o in extra for a in ("--set", o)]]
-    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
     with open(log_path, "a") as log:
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise SystemExit(f"training failed ({' '.join(cmd)}); see {log_path}")
     trained = evaluated_step(final)

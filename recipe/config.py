@@ -114,7 +114,8 @@ def _coerce(value, hint, key):
         raise ConfigError(f"{key}: {value!r} is not a valid {hint}")
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {[f.name for f in dataclasses.fields(hint)]}, got {value!r}")
+            names = [f.name for f in dataclasses.fields(hint)]
+            raise ConfigError(f"{key}: expected a mapping of {names}, got {value!r}")
         return _build(hint, value, key + ".")
     if origin is list:
         (item,) = typing.get_args(hint)
@@ -205,7 +206,8 @@ def validate(config: TrainConfig) -> TrainConfig:
     if loss.bild_top_k < 2:
         problems.append(f"loss.bild_top_k must be >= 2 (pairs of top logits), got {loss.bild_top_k}")
     if not config.distill and (loss.align_weight > 0 or loss.vsd_weight > 0):
-        problems.append("loss.align_weight / loss.vsd_weight > 0 need teacher.path (set both weights to 0 for plain SFT)")
+        problems.append("loss.align_weight / loss.vsd_weight > 0 need teacher.path "
+                        "(set both weights to 0 for plain SFT)")
     if config.distill and loss.vsd_weight > 0 and not config.train_vision_tower:
         problems.append("train_vision_tower: false freezes E_S, so loss.vsd_weight > 0 trains nothing; set it to 0")
     if problems:

@@ -20,7 +20,7 @@ def free_port() -> int:
 def run_module(args: list[str], env: dict | None = None, timeout: int = 600,
                check: bool = True) -> subprocess.CompletedProcess:
     """Run `python ARGS` from the repository root; with check, raise with the output when it fails."""
-    full_env = dict(os.environ, PYTHONPATH=REPO, **(env or {}))
+    full_env = dict(os.environ, **(env or {}))
     proc = subprocess.run([sys.executable, *args], cwd=REPO, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:

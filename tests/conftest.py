@@ -1,10 +1,5 @@
-import os
-import sys
 
 import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 from assets import build_demo_assets  # noqa: E402
 
 

@@ -3,7 +3,6 @@ import json
 import os
 
 import pytest
-
 from assets import run_module
 
 pytestmark = pytest.mark.slow

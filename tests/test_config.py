@@ -5,8 +5,8 @@ import os
 import sys
 
 import pytest
-
 from assets import REPO
+
 from recipe.config import ConfigError, load_config
 from recipe.train import plan_steps
 from recipe.trainer import deepspeed_config, zero3_loading
@@ -62,7 +62,8 @@ def test_epochs_and_data_size_plan_the_steps_or_say_why_they_cannot():
     cfg = load_config(demo, ["max_steps=null", "epochs=2", "micro_batch_size=4", "grad_accum=2"])
     assert plan_steps(cfg, num_samples=100, world=2) == 2 * (100 // 8 // 2)
     # An epoch that gives a rank no micro-batch would make the loop wait forever.
-    with pytest.raises(ConfigError, match="data.train has 6 samples, 3 per rank on 2 ranks: fewer than micro_batch_size=4"):
+    with pytest.raises(ConfigError,
+                       match="data.train has 6 samples, 3 per rank on 2 ranks: fewer than micro_batch_size=4"):
         plan_steps(cfg, num_samples=6, world=2)
     with pytest.raises(ConfigError, match="one optimizer step takes .* = 16 samples, data.train has 12"):
         plan_steps(cfg, num_samples=12, world=2)

@@ -32,7 +32,7 @@ from recipe.data import (
 from recipe.data.shards import InputError, NothingKept
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "PYTHONPATH": REPO}
+ENV = dict(os.environ)
 
 
 def run_script(script: str, *args) -> subprocess.CompletedProcess:
@@ -213,7 +213,8 @@ def test_16_bit_grayscale_keeps_its_range_and_float_images_are_rejected(tmp_path
     Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8), mode="F").save(tmp_path / "float.tif")
     with Image.open(tmp_path / "gray16.png") as check:
         assert check.mode.startswith("I")  # really a 16-bit file
-    records = [image_sample("g16", "gray16.png", "<image>\nQ?", "A."), image_sample("f32", "float.tif", "<image>\nQ?", "A.")]
+    records = [image_sample("g16", "gray16.png", "<image>\nQ?", "A."),
+               image_sample("f32", "float.tif", "<image>\nQ?", "A.")]
     out = tmp_path / "shards"
     stats = convert(records, tmp_path, out)
     pixels = np.asarray(ShardDataset(str(out))[0]["image"])

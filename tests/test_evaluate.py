@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-
 from assets import REPO, free_port, run_module
+
 from recipe.data import ShardDataset, convert_to_shards, encode_prompt
 from recipe.evaluate import evaluate_model, extract_answer, format_summary, normalize_answer, summarize
 from recipe.evaluate import main as evaluate_main
@@ -291,7 +291,7 @@ def test_synced_generation_under_zero3_with_uneven_ranks_and_a_text_only_batch(s
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script),
            demo_assets["student"], demo_assets["eval"], str(tmp_path), json.dumps(plan)]
-    env = dict(os.environ, PYTHONPATH=REPO, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     for rank, indices in enumerate(plan):

@@ -431,7 +431,8 @@ def test_non_contiguous_inputs():
 def test_float64_and_wide_windows_use_the_reference():
     ref, trainee = _logits(3, 200, seed=9)
     for r, q, c in ((ref.double(), trainee.double(), 16), (ref, trainee, 200)):
-        ctx = pytest.warns(UserWarning, match="torch reference") if c > kt.MAX_TRITON_CANDIDATES else contextlib.nullcontext()
+        wide = c > kt.MAX_TRITON_CANDIDATES
+        ctx = pytest.warns(UserWarning, match="torch reference") if wide else contextlib.nullcontext()
         with ctx:
             got = kernels.dbild_loss_triton(r, q, candidates=c)
         assert torch.equal(got, dbild_loss_torch(r, q, candidates=c))
@@ -483,7 +484,6 @@ def test_kernels_compile_for_sm90():
     logit (the loop is ALU-issue bound: see tests/perf/README.md). Also Triton's launch-time check of
     the globals the kernels read."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, "-m", "recipe.kernels.compile_check", "--dtypes", "bf16", "--km", "64"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
@@ -503,7 +503,6 @@ def test_kernels_compile_for_sm90():
 def test_in_fresh_process():
     """Everything above, in a new process where TRITON_INTERPRET=1 precedes the first triton import."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]

@@ -11,7 +11,6 @@ import time
 
 import pytest
 import yaml
-
 from assets import REPO, free_port
 
 pytestmark = pytest.mark.slow
@@ -23,7 +22,7 @@ def launcher_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                         "NNODES", "NODE_RANK", "NPROC_PER_NODE"} and not k.startswith("SLURM_")}
-    env.update(PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""), PYTHONPATH=REPO,
+    env.update(PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),
                RECIPE_SKIP_SETUP="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     env.update(extra)
     return env
@@ -106,7 +105,8 @@ def test_two_nodes_on_one_machine(tmp_path, demo_assets):
                 proc.wait(timeout=max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-        report = "\n".join(f"----- node {i} (exit {p.poll()})\n{tail(log)}" for i, (p, log) in enumerate(zip(procs, logs)))
+        report = "\n".join(f"----- node {i} (exit {p.poll()})\n{tail(log)}"
+                           for i, (p, log) in enumerate(zip(procs, logs)))
         assert [p.poll() for p in procs] == [0, 0], report
     finally:
         for proc in procs:

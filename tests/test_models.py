@@ -13,9 +13,20 @@ from transformers import AutoConfig
 from recipe.config import LossConfig
 from recipe.data import Collator, ShardDataset
 from recipe.losses.objective import switch_kd_objective
-from recipe.models import (IncompatiblePair, SwitchKDModel, check_pair, enable_switch_checkpointing, image_token_count,
-                           load_image_processor, load_tokenizer, load_vlm, pick_attention, run_passes,
-                           same_preprocessing, supervised_positions)
+from recipe.models import (
+    IncompatiblePair,
+    SwitchKDModel,
+    check_pair,
+    enable_switch_checkpointing,
+    image_token_count,
+    load_image_processor,
+    load_tokenizer,
+    load_vlm,
+    pick_attention,
+    run_passes,
+    same_preprocessing,
+    supervised_positions,
+)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +91,8 @@ def test_a_teacher_that_preprocesses_differently_sees_its_own_pixel_values(demo_
     images = [i for i in range(len(dataset)) if dataset.meta(i).get("image")][:2]
     text = [i for i in range(len(dataset)) if not dataset.meta(i).get("image")][:1]
     collator = Collator(load_tokenizer(demo_assets["student"]), student_processor,
-                        num_image_tokens=image_token_count(student.config), image_token_id=student.config.image_token_id,
+                        num_image_tokens=image_token_count(student.config),
+                        image_token_id=student.config.image_token_id,
                         max_length=256, teacher_image_processor=teacher_processor)
     batch = collator([dataset[i] for i in images + text])
     assert batch["teacher_pixel_values"].shape == batch["pixel_values"].shape
@@ -94,8 +106,8 @@ def test_a_teacher_that_preprocesses_differently_sees_its_own_pixel_values(demo_
                        for key in ("teacher_pixel_values", "pixel_values"))
     assert torch.allclose(passes.teacher, own, atol=1e-4) and not torch.allclose(passes.teacher, shared, atol=1e-3)
     # The switch pass still runs on the student's own features (E_S(image_S)).
-    assert torch.equal(run_passes(student, teacher, {k: v for k, v in batch.items() if k != "teacher_pixel_values"}).switch,
-                       passes.switch)
+    student_pixels_only = {k: v for k, v in batch.items() if k != "teacher_pixel_values"}
+    assert torch.equal(run_passes(student, teacher, student_pixels_only).switch, passes.switch)
     # A text-only micro-batch (the stand-in image path) works with the teacher's empty pixel values too.
     text_only = collator([dataset[i] for i in text])
     assert text_only["teacher_pixel_values"].shape[0] == 0
@@ -142,10 +154,14 @@ def test_teacher_is_cached_and_logits_exist_only_at_supervised_rows(pair, mixed_
     student, teacher = pair
     calls = {"teacher_vision": 0, "teacher_language": 0, "student_vision": 0}
     head_inputs = []
+
+    def counter(name):
+        return lambda *args: calls.__setitem__(name, calls[name] + 1)
+
     hooks = [
-        teacher.model.vision_tower.register_forward_hook(lambda *a: calls.__setitem__("teacher_vision", calls["teacher_vision"] + 1)),
-        teacher.model.language_model.register_forward_hook(lambda *a: calls.__setitem__("teacher_language", calls["teacher_language"] + 1)),
-        student.model.vision_tower.register_forward_hook(lambda *a: calls.__setitem__("student_vision", calls["student_vision"] + 1)),
+        teacher.model.vision_tower.register_forward_hook(counter("teacher_vision")),
+        teacher.model.language_model.register_forward_hook(counter("teacher_language")),
+        student.model.vision_tower.register_forward_hook(counter("student_vision")),
         student.lm_head.register_forward_hook(lambda m, i, o: head_inputs.append(i[0].shape)),
         teacher.lm_head.register_forward_hook(lambda m, i, o: head_inputs.append(i[0].shape)),
     ]

@@ -9,10 +9,9 @@ import time
 import pytest
 import torch
 import yaml
+from assets import REPO, free_port, run_module
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
-
-from assets import REPO, free_port, run_module
 
 pytestmark = pytest.mark.slow
 TIMING_KEYS = {"samples_per_s", "tokens_per_s"}
@@ -44,7 +43,7 @@ def torchrun_cmd(config: str, nproc: int = 2) -> list[str]:
 
 def run_training(config: str, nproc: int = 2) -> subprocess.CompletedProcess:
     """Train to completion; a hang (e.g. ranks out of step in ZeRO-3's collectives) fails after 5 minutes."""
-    env = dict(os.environ, PYTHONPATH=REPO, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     proc = subprocess.run(torchrun_cmd(config, nproc), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"training failed\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
@@ -78,7 +77,8 @@ def test_run_writes_metrics_checkpoints_and_a_loadable_final_student(uninterrupt
     assert open(os.path.join(checkpoints, "latest")).read() == "step00000012"
     assert sorted(t for t in os.listdir(checkpoints) if t.startswith("step")) == ["step00000010", "step00000012"]
     # The frozen teacher is not in the checkpoint: it is a fraction of the student+teacher size.
-    saved = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(os.path.join(checkpoints, "step00000012")) for f in fs)
+    saved = sum(os.path.getsize(os.path.join(dp, f))
+                for dp, _, fs in os.walk(os.path.join(checkpoints, "step00000012")) for f in fs)
     teacher_bytes = os.path.getsize(os.path.join(demo_assets["teacher"], "model.safetensors"))
     student_bytes = os.path.getsize(os.path.join(demo_assets["student"], "model.safetensors"))
     assert saved < 5 * student_bytes + teacher_bytes / 2
@@ -126,7 +126,7 @@ def test_zero2_and_zero3_give_the_same_losses(tmp_path, demo_assets, uninterrupt
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, demo_assets, uninterrupted):
     # With a DataLoader worker: SLURM's SIGTERM reaches it too, and it must not take the trainer down.
     config, out = write_config(tmp_path, demo_assets, "zero2", max_steps=12, **{"data.num_workers": 1})
-    env = dict(os.environ, PYTHONPATH=REPO, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     proc = subprocess.Popen(torchrun_cmd(config), cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     metrics = os.path.join(out, "metrics.jsonl")
@@ -143,7 +143,8 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, demo_assets
     assert not os.path.exists(os.path.join(out, "final"))
 
     resumed = run_training(config)
-    assert f"resumed from {out}/checkpoints/step{stopped_at:08d} at step {stopped_at}" in resumed.stdout + resumed.stderr
+    resumed_line = f"resumed from {out}/checkpoints/step{stopped_at:08d} at step {stopped_at}"
+    assert resumed_line in resumed.stdout + resumed.stderr
     got, want = without_timing(read_metrics(out)), without_timing(read_metrics(uninterrupted))
     assert len(got) == len(want) == 12
     for a, b in zip(got, want):
@@ -167,7 +168,7 @@ def test_resumed_metrics_keep_the_steps_up_to_the_checkpoint_and_drop_a_torn_lin
 
 
 def run_expecting_failure(config: str) -> str:
-    env = dict(os.environ, PYTHONPATH=REPO, DS_ACCELERATOR="cpu")
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
     proc = subprocess.run([sys.executable, "-m", "recipe.train", "--config", config], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
@@ -277,7 +278,8 @@ def test_zero3_with_partitioned_parameters_and_text_only_micro_batches(tmp_path,
     # Loaded already partitioned (deepspeed.zero.Init): no rank ever held the whole teacher.
     assert "rank 0 holds 50% of them" in run_training(config).stdout
     zero2_config, zero2_out = write_config(tmp_path, demo_assets, "zero2_mixed", max_steps=6, save_every=6,
-                                           micro_batch_size=1, grad_accum=1, **{"data.train": [str(tmp_path / "mixed")]})
+                                           micro_batch_size=1, grad_accum=1,
+                                           **{"data.train": [str(tmp_path / "mixed")]})
     assert "rank 0 holds 100% of them" in run_training(zero2_config).stdout
     zero3, zero2 = read_metrics(out), read_metrics(zero2_out)
     assert [r["step"] for r in zero3] == list(range(1, 7))

@@ -146,12 +146,14 @@ def bild_loss(ref: torch.Tensor, trainee: torch.Tensor, *, top_k: int = 8, tempe
     return total.mean()
 
 
-def kl_loss(ref: torch.Tensor, trainee: torch.Tensor, *, temperature: float = 3.0, chunk_rows: int = 1024) -> torch.Tensor:
+def kl_loss(ref: torch.Tensor, trainee: torch.Tensor, *, temperature: float = 3.0,
+            chunk_rows: int = 1024) -> torch.Tensor:
     """Vanilla KD (Hinton et al.): forward KL(p_ref || p_trainee) over the full vocabulary at
     temperature tau, times tau^2, mean over rows. Rows are processed in chunks to bound the
     (rows x vocab) float32 temporaries."""
     if ref.shape != trainee.shape or ref.dim() != 2:
-        raise ValueError(f"kl_loss needs two (rows, vocab) tensors of one shape, got {tuple(ref.shape)}, {tuple(trainee.shape)}")
+        raise ValueError(f"kl_loss needs two (rows, vocab) tensors of one shape, got {tuple(ref.shape)}, "
+                         f"{tuple(trainee.shape)}")
     if ref.shape[0] == 0:
         return trainee.sum() * 0.0
     dtype = _compute_dtype(trainee)

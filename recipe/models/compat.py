@@ -30,7 +30,8 @@ def check_pair(teacher_config, student_config, teacher_tokenizer=None, student_t
         compare("tokenizer length", len(teacher_tokenizer), len(student_tokenizer))
         compare("special token ids", _special_ids(teacher_tokenizer), _special_ids(student_tokenizer))
         teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
-        differing = sorted(t for t in teacher_vocab.keys() & student_vocab.keys() if teacher_vocab[t] != student_vocab[t])
+        shared = teacher_vocab.keys() & student_vocab.keys()
+        differing = sorted(t for t in shared if teacher_vocab[t] != student_vocab[t])
         if differing or teacher_vocab.keys() != student_vocab.keys():
             sample = differing[:3] or sorted(teacher_vocab.keys() ^ student_vocab.keys())[:3]
             problems.append(f"token ids differ for {len(differing)} shared tokens and "

@@ -56,7 +56,8 @@ def load_image_processor(path: str):
             config = config.get("image_processor", config)
             if "image_processor_type" in config:
                 return getattr(transformers, config["image_processor_type"]).from_pretrained(path)
-    raise FileNotFoundError(f"no image processor config in {path!r} (preprocessor_config.json or processor_config.json)")
+    raise FileNotFoundError(f"no image processor config in {path!r} "
+                            "(preprocessor_config.json or processor_config.json)")
 
 
 def same_preprocessing(a, b) -> bool:

@@ -13,8 +13,15 @@ import argparse
 import os
 
 import torch
-from transformers import (AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
-                          Qwen2Config, SiglipImageProcessor, SiglipVisionConfig)
+from transformers import (
+    AutoTokenizer,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    Qwen2Config,
+    SiglipImageProcessor,
+    SiglipVisionConfig,
+)
 
 IMAGE_TOKEN = "<image>"
 

@@ -60,8 +60,6 @@ def main() -> None:
     if args.device == "cpu":
         # Must precede the first import of triton / of the kernels module.
         os.environ["TRITON_INTERPRET"] = "1"
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    sys.path.insert(0, repo)
 
     import torch
 

@@ -18,9 +18,7 @@ if DEVICE == "cpu":
 
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from recipe.kernels import dbild_loss_triton  # noqa: E402
-from recipe.kernels import dbild_branches_triton  # noqa: E402
+from recipe.kernels import dbild_branches_triton, dbild_loss_triton  # noqa: E402
 from recipe.losses import dbild as reference  # noqa: E402
 
 
