@@ -24,7 +24,8 @@ import subprocess
 import sys
 import time
 
-from recipe.trainer import REPO_ROOT, evaluated_step
+from recipe import REPO_ROOT
+from recipe.checkpoints import evaluated_step
 
 ARMS = {
     "sft": {"loss.align_weight": 0, "loss.vsd_weight": 0, "teacher.path": None},

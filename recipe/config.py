@@ -1,7 +1,8 @@
 """The one typed config of a training run: YAML file + `--set key=value` overrides, validated up front.
 
-Every knob is a dataclass field below; an unknown key or a bad value stops with a message that lists
-what is valid, before anything heavy is loaded.
+Every knob is a dataclass field below. A knob with a fixed set of values has a `Literal` type, which is
+the one place those values are listed (other modules read them with `choices`). An unknown key or a bad
+value stops with a message that lists what is valid, before anything heavy is loaded.
 """
 from __future__ import annotations
 
@@ -9,12 +10,30 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 import yaml
 
+# The valid values of each multiple-choice knob.
+DivergenceKind = Literal["dbild", "bild", "kl"]  # D of the alignment and VSD terms (docs/method.md, Baselines)
+LossImpl = Literal["auto", "torch", "triton"]  # DBiLD implementation; auto: triton for CUDA tensors
+ChatTemplate = Literal["auto", "tokenizer", "chatml"]  # auto: the tokenizer's chat template when it has one
+Precision = Literal["auto", "fp32", "bf16", "fp16"]  # auto: bf16 on GPUs that have it, else fp32
+Attention = Literal["auto", "sdpa", "eager", "flash_attention_2"]  # auto: flash-attention when usable, else sdpa
+ZeroStage = Literal[2, 3]
+
+
+def choices(literal) -> tuple:
+    """The values of a Literal type above, e.g. choices(LossImpl) == ("auto", "torch", "triton")."""
+    return typing.get_args(literal)
+
 
 class ConfigError(ValueError):
-    pass
+    """A config that cannot run; `problems` lists each thing wrong with it."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = problems or [message]
 
 
 @dataclass
@@ -27,7 +46,7 @@ class DataConfig:
     train: list[str] = field(default_factory=list)  # shard directories (data_prep/llava_to_shards.py)
     eval: list[str] = field(default_factory=list)
     max_length: int = 2048
-    template: str = "auto"  # the tokenizer's chat template when it has one, else "chatml"
+    template: ChatTemplate = "auto"
     num_workers: int = 2
 
 
@@ -43,7 +62,7 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    kind: str = "dbild"  # divergence D for the align and VSD terms: dbild | bild | kl
+    kind: DivergenceKind = "dbild"
     ce_weight: float = 1.0
     align_weight: float = 1.0
     vsd_weight: float = 1.0
@@ -52,7 +71,7 @@ class LossConfig:
     k_min: int = 2
     k_max: int | None = None  # None: candidates
     bild_top_k: int = 8
-    impl: str = "auto"  # DBiLD implementation: auto | torch | triton
+    impl: LossImpl = "auto"
 
 
 @dataclass
@@ -68,15 +87,15 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     micro_batch_size: int = 8
     grad_accum: int = 1
-    zero_stage: int = 2
+    zero_stage: ZeroStage = 2
     ds_config: str | None = None  # default: ds_configs/zero{2,3}.json by zero_stage
     optim: OptimConfig = field(default_factory=OptimConfig)
     grad_clip: float = 1.0
     gradient_checkpointing: bool = False  # the student, and the teacher's layers in the switch pass
     loss: LossConfig = field(default_factory=LossConfig)
     train_vision_tower: bool = True  # False freezes E_S, which disables what VSD is for
-    precision: str = "auto"  # auto: bf16 on GPUs that have it (Ampere and newer), else fp32
-    attention: str = "auto"  # auto: flash_attention_2 when installed on CUDA, else sdpa
+    precision: Precision = "auto"
+    attention: Attention = "auto"
     log_every: int = 1
     eval_every: int = 0  # optimizer steps between evaluations on data.eval (0: none); always once at the end
     eval_max_new_tokens: int = 16
@@ -88,18 +107,12 @@ class TrainConfig:
         return self.teacher.path is not None
 
 
-CHOICES = {
-    "loss.kind": ("dbild", "bild", "kl"),
-    "loss.impl": ("auto", "torch", "triton"),
-    "zero_stage": (2, 3),
-    "precision": ("auto", "fp32", "bf16", "fp16"),
-    "attention": ("auto", "sdpa", "eager", "flash_attention_2"),
-    "data.template": ("auto", "chatml"),
-}
-
-
 def _coerce(value, hint, key):
     origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in choices(hint) or isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r}; valid: {list(choices(hint))}")
+        return value
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
         if value is None and type(None) in options:
@@ -155,7 +168,17 @@ def _build(cls, values: dict, prefix: str = ""):
     if unknown:
         raise ConfigError(f"unknown config key(s) {[prefix + u for u in unknown]}; valid keys here: "
                           f"{[prefix + n for n in names]}")
-    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in values.items()})
+    built, problems = {}, []
+    for key, value in values.items():  # every bad value at once, not one per attempt
+        try:
+            built[key] = _coerce(value, hints[key], prefix + key)
+        except ConfigError as e:
+            problems += e.problems
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError("\n  - ".join(["invalid config:", *problems]), problems)
+    return cls(**built)
 
 
 def _lookup(config, dotted: str):
@@ -167,9 +190,6 @@ def _lookup(config, dotted: str):
 
 def validate(config: TrainConfig) -> TrainConfig:
     problems = []
-    for key, choices in CHOICES.items():
-        if _lookup(config, key) not in choices:
-            problems.append(f"{key} = {_lookup(config, key)!r}; valid: {list(choices)}")
     if not config.output_dir:
         problems.append("output_dir is required")
     if not config.student.path:

@@ -16,9 +16,9 @@ Library use (the trainer evaluates with it during training):
     print(format_summary(summary))
 
 Distributed (DeepSpeed ZeRO-3): pass synced_gpus=True on every rank, each with its own indices. Every rank
-then runs the same number of generate calls (ranks with fewer batches run placeholder batches), generate
+then runs the same number of generate calls (ranks with fewer batches run stand-in batches), generate
 keeps the ranks in step token by token, and every batch runs the vision tower (a text-only batch gets a
-placeholder image row), so the ranks gather partitioned parameters module for module in the same order.
+stand-in image row), so the ranks gather partitioned parameters module for module in the same order.
 Results are per rank; gather them (e.g. all_gather_object) before summarize.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from recipe.data import DroppedSample, ShardDataset, encode_prompt
+from recipe.data import DroppedSample, Reject, ShardDataset, check_image_tags, encode_prompt
 from recipe.models import image_token_count, load_image_processor, load_tokenizer, load_vlm
 
 # Text that ends an answer: ChatML end of turn, Qwen2's eos, Llama/Vicuna's eos. Generation also stops on the
@@ -150,7 +150,7 @@ def evaluate_model(model, tokenizer, image_processor, dataset, indices, *, batch
         count = torch.tensor([n_batches], dtype=torch.long, device=model.device)
         torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
         n_batches = int(count)
-    placeholder = None  # built on first need
+    stand_in = None  # built on first need
 
     results = []
     was_training = model.training
@@ -162,8 +162,8 @@ def evaluate_model(model, tokenizer, image_processor, dataset, indices, *, batch
                          for i in indices[b * batch_size : (b + 1) * batch_size]]
                 rows = [sample for sample in batch if "dropped" not in sample]
                 if synced and not any(row["pixel_values"] is not None for row in rows):
-                    placeholder = placeholder or _placeholder_row(model.config, image_processor, prompt_options)
-                    rows = rows + [placeholder]
+                    stand_in = stand_in or _stand_in_row(model.config, image_processor, prompt_options)
+                    rows = rows + [stand_in]
                 if rows:
                     answers = generate_greedy(model, rows, pad_token_id=pad_token_id, stop_ids=stop_ids,
                                               max_new_tokens=max_new_tokens, synced_gpus=synced)
@@ -180,10 +180,11 @@ def evaluate_model(model, tokenizer, image_processor, dataset, indices, *, batch
 def _prepare(dataset, i: int, tokenizer, image_processor, prompt_options: dict) -> dict:
     item = dataset[i]
     sample = {"id": item.get("id", i), "type": item.get("type"), "answer": item["conversations"][-1]["value"]}
-    image_tags = sum(turn["value"].count(prompt_options["image_token"]) for turn in item["conversations"])
-    if image_tags != int(item.get("image") is not None):
-        raise ValueError(f"sample {sample['id']!r}: {image_tags} {prompt_options['image_token']} tags but "
-                         f"{'an' if item.get('image') is not None else 'no'} image; expected one tag per image")
+    try:
+        check_image_tags(item["conversations"], with_image=item.get("image") is not None,
+                         image_tag=prompt_options["image_token"])
+    except Reject as error:
+        raise ValueError(f"sample {sample['id']!r}: {error}") from None
     try:
         sample["input_ids"] = encode_prompt(item["conversations"], tokenizer, **prompt_options)["input_ids"]
     except DroppedSample as drop:
@@ -194,7 +195,7 @@ def _prepare(dataset, i: int, tokenizer, image_processor, prompt_options: dict) 
     return sample
 
 
-def _placeholder_row(config, image_processor, prompt_options: dict) -> dict:
+def _stand_in_row(config, image_processor, prompt_options: dict) -> dict:
     """A prompt of image tokens only, with a black image: keeps the vision tower in every synced batch.
     Its output is thrown away."""
     image = Image.new("RGB", (config.vision_config.image_size,) * 2)

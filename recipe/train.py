@@ -2,7 +2,8 @@
 
     python -m recipe.train --config recipe/configs/demo_switchkd.yaml [--set key=value ...]
 
-Read top to bottom: config -> distributed -> models -> data -> engine -> resume -> loop -> export.
+Read top to bottom: config -> distributed -> models, data and engine -> resume -> loop (train_step) -> finish
+(export and final evaluation).
 Rerunning the same command resumes from the newest complete checkpoint in output_dir/checkpoints.
 """
 from __future__ import annotations
@@ -13,12 +14,26 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
-from recipe import trainer as T
+from recipe.checkpoints import evaluated_step, export_student, latest_tag, load_checkpoint, save_checkpoint
 from recipe.config import ConfigError, load_config, to_dict
+from recipe.distributed import (
+    StopRequest,
+    all_reduce_mean,
+    any_rank,
+    ensure_distributed_env,
+    rank,
+    seed_everything,
+    world_size,
+)
+from recipe.engine import deepspeed_config, param_groups, parameter_counts, warmup_cosine, zero3_loading
 from recipe.files import write_atomically
+from recipe.metrics import MetricsLog
+
+LOSS_TERMS = ("loss", "ce", "align", "vsd")
 
 
 def parse_args(argv=None):
@@ -70,7 +85,7 @@ def build_data(cfg, student, tokenizer):
     from recipe.models import image_token_count, load_image_processor, same_preprocessing
 
     dataset = ShardDataset(cfg.data.train)
-    sampler = ResumableDistributedSampler(len(dataset), rank=T.rank(), world_size=T.world_size(), seed=cfg.seed)
+    sampler = ResumableDistributedSampler(len(dataset), rank=rank(), world_size=world_size(), seed=cfg.seed)
     student_processor = load_image_processor(cfg.student.path)
     teacher_processor = load_image_processor(cfg.teacher.path) if cfg.distill else None
     if teacher_processor is not None and same_preprocessing(teacher_processor, student_processor):
@@ -118,7 +133,7 @@ def batches(dataset, sampler, collator, cfg):
         sampler.set_epoch(sampler.epoch + 1)
 
 
-def placeholder_batch(pad_id: int) -> dict:
+def stand_in_batch(pad_id: int) -> dict:
     """Stands in when every sample of a micro-batch was too long: every rank must still run the step
     (ZeRO's collectives), so run one padding token that carries no loss (run_passes adds the stand-in
     image that keeps the module calls of all ranks in step)."""
@@ -138,21 +153,109 @@ def evaluate_during_training(cfg, engine, student, tokenizer, step: int) -> dict
     dataset = ShardDataset(cfg.data.eval)
     count = len(dataset) if cfg.eval_max_samples is None else min(len(dataset), cfg.eval_max_samples)
     results = evaluate_model(student, tokenizer, load_image_processor(cfg.student.path), dataset,
-                             range(T.rank(), count, T.world_size()), batch_size=cfg.eval_batch_size,
+                             range(rank(), count, world_size()), batch_size=cfg.eval_batch_size,
                              max_new_tokens=cfg.eval_max_new_tokens, synced_gpus=engine.zero_optimization_stage() == 3,
                              progress=False, template=cfg.data.template, max_length=cfg.data.max_length)
     if dist.is_initialized():
-        gathered = [None] * T.world_size()
+        gathered = [None] * world_size()
         dist.all_gather_object(gathered, results)
         results = [r for part in gathered for r in part]
     summary = summarize(results)
-    if T.rank() == 0:
+    if rank() == 0:
         print(f"\n[eval] step {step}: {format_summary(summary)}", flush=True)
     return {"step": step, "eval": summary}
 
 
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@dataclass
+class Run:
+    """What the loop works with, built once at start-up."""
+    engine: object  # the DeepSpeed engine over SwitchKDModel(student, teacher)
+    scheduler: object
+    student: torch.nn.Module
+    tokenizer: object
+    sampler: object
+    data: object  # micro-batches, forever (batches())
+    max_steps: int
+    zero3_loading: object  # ZeRO-3's partitioned loading, kept alive for the run (transformers holds a weak ref)
+
+
+def build_run(cfg, precision: str) -> Run:
+    """Models, data and the one DeepSpeed engine over the trainable student and the frozen teacher (the
+    optimizer sees the student only). A bad pair, path or size raises ConfigError, before any training."""
+    import deepspeed
+
+    from recipe.models import SwitchKDModel
+
+    try:
+        ds_config = deepspeed_config(cfg, precision)
+        zero3 = zero3_loading(ds_config)  # ZeRO-3: no rank ever holds a whole model
+        student, teacher, tokenizer = build_models(cfg, precision)
+        dataset, sampler, collator = build_data(cfg, student, tokenizer)
+        max_steps = plan_steps(cfg, len(dataset), world_size())
+    except ConfigError:
+        raise
+    except (ValueError, FileNotFoundError) as e:  # a bad pair (IncompatiblePair), a missing file, bad data
+        raise ConfigError(str(e)) from e
+    if rank() == 0:
+        (s_total, s_here), (t_total, t_here) = parameter_counts(student), parameter_counts(teacher)
+        print(f"[train] loaded student {s_total / 1e6:.1f}M and teacher {t_total / 1e6:.1f}M parameters; "
+              f"rank 0 holds {(s_here + t_here) / (s_total + t_total):.0%} of them", flush=True)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=SwitchKDModel(student, teacher, cfg.loss), model_parameters=param_groups(student, cfg.optim.weight_decay),
+        config=ds_config, lr_scheduler=lambda opt: warmup_cosine(opt, warmup_steps=cfg.optim.warmup_steps,
+                                                                 max_steps=max_steps,
+                                                                 min_lr_ratio=cfg.optim.min_lr_ratio))
+    return Run(engine=engine, scheduler=scheduler, student=student, tokenizer=tokenizer, sampler=sampler,
+               data=batches(dataset, sampler, collator, cfg), max_steps=max_steps, zero3_loading=zero3)
+
+
+def train_step(run: Run, cfg) -> dict:
+    """One optimizer step: grad_accum micro-batches, each forward and backward; DeepSpeed steps the optimizer
+    and the LR schedule at the accumulation boundary. Returns the step's record, averaged over the ranks."""
+    started = time.time()
+    world = world_size()
+    lr = run.scheduler.get_last_lr()[0]  # the LR this step uses
+    sums = dict.fromkeys(LOSS_TERMS, 0.0)
+    tokens = dropped = 0
+    for _ in range(cfg.grad_accum):
+        batch = next(run.data)
+        run.sampler.advance(cfg.micro_batch_size * world)
+        dropped += sum(batch["dropped"].values())
+        if batch["input_ids"].shape[0] == 0:
+            batch = stand_in_batch(run.tokenizer.pad_token_id)
+        tokens += int(batch["attention_mask"].sum())
+        out = run.engine(to_device(batch, run.engine.device))
+        run.engine.backward(out["loss"])
+        run.engine.step()
+        terms = torch.stack([out[key].detach().float() for key in LOSS_TERMS]).tolist()  # one device sync, not four
+        for key, value in zip(LOSS_TERMS, terms):
+            sums[key] += value / cfg.grad_accum
+    *terms, tokens, dropped = all_reduce_mean([*sums.values(), tokens, dropped], run.engine.device)
+    elapsed = time.time() - started
+    return {**dict(zip(LOSS_TERMS, terms)), "lr": lr, "grad_norm": _float(run.engine.get_global_grad_norm()),
+            "samples_per_s": cfg.micro_batch_size * cfg.grad_accum * world / elapsed,
+            "tokens_per_s": tokens * world / elapsed, "dropped_samples": int(round(dropped * world)),
+            "epoch": run.sampler.epoch}
+
+
+def finish(run: Run, cfg, step: int, metrics: MetricsLog) -> None:
+    """Export the student, then evaluate it once per final step: a rerun of a finished job finds
+    final/eval.json and does not evaluate again; a run extended past that step is evaluated again."""
+    final_dir = os.path.join(cfg.output_dir, "final")
+    already_evaluated = evaluated_step(final_dir) == step
+    export_student(run.engine, run.student, final_dir, run.tokenizer, cfg.student.path)
+    if rank() == 0:
+        print(f"[train] done: {step} steps; student exported to {final_dir}", flush=True)
+    if cfg.data.eval and not already_evaluated:
+        record = evaluate_during_training(cfg, run.engine, run.student, run.tokenizer, step)
+        metrics.write(record)
+        if rank() == 0:  # atomically: it marks the run as evaluated at this step (here and in recipe.ablation)
+            write_atomically(os.path.join(final_dir, "eval.json"),
+                             json.dumps({"step": step, **record["eval"]}, indent=1).encode())
 
 
 def main(argv=None):
@@ -162,126 +265,69 @@ def main(argv=None):
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     precision = cfg.precision if cfg.precision != "auto" else auto_precision()
-    stop = T.StopRequest()  # first: a preemption signal during start-up must not be lost
+    stop = StopRequest()  # first: a preemption signal during start-up must not be lost
 
     # ---- distributed
     import deepspeed
-    T.ensure_distributed_env()
+    ensure_distributed_env()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    T.seed_everything(cfg.seed)
-    is_main = T.rank() == 0
+    seed_everything(cfg.seed)
+    is_main = rank() == 0
 
-    # ---- models and data (a bad pair or path stops here, before any training)
+    # ---- models, data and engine
     try:
-        ds_config = T.deepspeed_config(cfg, precision)
-        # ZeRO-3: no rank ever holds a whole model. Kept for the run: transformers holds a weak reference.
-        _zero3_loading = T.zero3_loading(ds_config)
-        student, teacher, tokenizer = build_models(cfg, precision)
-        dataset, sampler, collator = build_data(cfg, student, tokenizer)
-        world = T.world_size()
-        max_steps = plan_steps(cfg, len(dataset), world)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+        run = build_run(cfg, precision)
+    except ConfigError as e:
         sys.exit(f"config error: {e}")
-    if is_main:
-        (s_total, s_here), (t_total, t_here) = T.parameter_counts(student), T.parameter_counts(teacher)
-        print(f"[train] loaded student {s_total / 1e6:.1f}M and teacher {t_total / 1e6:.1f}M parameters; "
-              f"rank 0 holds {(s_here + t_here) / (s_total + t_total):.0%} of them", flush=True)
-    samples_per_step = cfg.micro_batch_size * cfg.grad_accum * world
-
-    # ---- engine: one DeepSpeed engine over student + frozen teacher; the optimizer sees the student only
-    from recipe.models import SwitchKDModel
-    model = SwitchKDModel(student, teacher, cfg.loss)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=T.param_groups(student, cfg.optim.weight_decay), config=ds_config,
-        lr_scheduler=lambda opt: T.warmup_cosine(opt, warmup_steps=cfg.optim.warmup_steps, max_steps=max_steps,
-                                                 min_lr_ratio=cfg.optim.min_lr_ratio))
-    device = engine.device
+    engine = run.engine
 
     # ---- resume
     os.makedirs(cfg.output_dir, exist_ok=True)
     checkpoint_dir = os.path.join(cfg.output_dir, "checkpoints")
     step = 0
-    tag = T.latest_tag(checkpoint_dir)
+    tag = latest_tag(checkpoint_dir)
     if tag is not None:
-        state = T.load_checkpoint(engine, checkpoint_dir, tag)
+        state = load_checkpoint(engine, checkpoint_dir, tag)
         step = state["step"]
-        sampler.load_state_dict(state["sampler"])
+        run.sampler.load_state_dict(state["sampler"])
         if is_main:
             print(f"[train] resumed from {checkpoint_dir}/{tag} at step {step}", flush=True)
     elif is_main:
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
             json.dump(to_dict(cfg), f, indent=2)
-    metrics = T.MetricsLog(os.path.join(cfg.output_dir, "metrics.jsonl"), resume_step=step)
-    data = batches(dataset, sampler, collator, cfg)
+    metrics = MetricsLog(os.path.join(cfg.output_dir, "metrics.jsonl"), resume_step=step)
 
     # ---- loop
     from tqdm import tqdm
-    bar = tqdm(total=max_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=run.max_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
     engine.train()
-    while step < max_steps:
-        started = time.time()
-        lr = scheduler.get_last_lr()[0]  # the LR this step uses
-        sums = {"loss": 0.0, "ce": 0.0, "align": 0.0, "vsd": 0.0}
-        tokens = 0
-        dropped = 0
-        for _ in range(cfg.grad_accum):
-            batch = next(data)
-            sampler.advance(cfg.micro_batch_size * world)
-            dropped += sum(batch["dropped"].values())
-            if batch["input_ids"].shape[0] == 0:
-                batch = placeholder_batch(tokenizer.pad_token_id)
-            tokens += int(batch["attention_mask"].sum())
-            out = engine(to_device(batch, device))
-            engine.backward(out["loss"])
-            engine.step()  # DeepSpeed steps the optimizer and LR schedule at the accumulation boundary
-            terms = torch.stack([out[key].detach().float() for key in sums]).tolist()  # one device sync, not four
-            for key, value in zip(sums, terms):
-                sums[key] += value / cfg.grad_accum
+    while step < run.max_steps:
+        record = train_step(run, cfg)
         step += 1
-
-        loss, ce, align, vsd, tokens, dropped = T.all_reduce_mean(
-            [sums["loss"], sums["ce"], sums["align"], sums["vsd"], tokens, dropped], device)
-        elapsed = time.time() - started
-        record = {"step": step, "loss": loss, "ce": ce, "align": align, "vsd": vsd,
-                  "lr": lr, "grad_norm": _float(engine.get_global_grad_norm()),
-                  "samples_per_s": samples_per_step / elapsed, "tokens_per_s": tokens * world / elapsed,
-                  "dropped_samples": int(round(dropped * world)), "epoch": sampler.epoch}
-        if step % cfg.log_every == 0 or step == max_steps:
-            metrics.write(record)
-        bar.set_postfix(loss=f"{loss:.4f}", ce=f"{ce:.3f}", align=f"{align:.3f}", vsd=f"{vsd:.3f}",
-                        sps=f"{record['samples_per_s']:.1f}")
+        if step % cfg.log_every == 0 or step == run.max_steps:
+            metrics.write({"step": step, **record})
+        bar.set_postfix(loss=f"{record['loss']:.4f}", ce=f"{record['ce']:.3f}", align=f"{record['align']:.3f}",
+                        vsd=f"{record['vsd']:.3f}", sps=f"{record['samples_per_s']:.1f}")
         bar.update(1)
 
-        if cfg.data.eval and cfg.eval_every and step % cfg.eval_every == 0 and step < max_steps:
-            metrics.write(evaluate_during_training(cfg, engine, student, tokenizer, step))
+        if cfg.data.eval and cfg.eval_every and step % cfg.eval_every == 0 and step < run.max_steps:
+            metrics.write(evaluate_during_training(cfg, engine, run.student, run.tokenizer, step))
             engine.train()
 
-        stopping = T.any_rank(stop.requested, device)
-        if step % cfg.save_every == 0 or stopping or step == max_steps:
-            T.save_checkpoint(engine, checkpoint_dir, step, {"step": step, "sampler": sampler.state_dict()},
-                              cfg.keep_checkpoints)
-        if stopping and step < max_steps:
+        stopping = any_rank(stop.requested, engine.device)
+        if step % cfg.save_every == 0 or stopping or step == run.max_steps:
+            save_checkpoint(engine, checkpoint_dir, step, {"step": step, "sampler": run.sampler.state_dict()},
+                            cfg.keep_checkpoints)
+        if stopping and step < run.max_steps:
             if is_main:
                 print(f"\n[train] stop requested ({stop.signal_name or 'another rank'}): saved step {step}, "
                       f"exiting; rerun the same command to resume", flush=True)
             bar.close()
             return 0
     bar.close()
-
-    # ---- export, then a final evaluation (once per final step: a rerun of a finished job finds final/eval.json)
-    final_dir = os.path.join(cfg.output_dir, "final")
-    already_evaluated = T.evaluated_step(final_dir) == step
-    T.export_student(engine, student, final_dir, tokenizer, cfg.student.path)
-    if is_main:
-        print(f"[train] done: {step} steps; student exported to {final_dir}", flush=True)
-    if cfg.data.eval and not already_evaluated:
-        record = evaluate_during_training(cfg, engine, student, tokenizer, step)
-        metrics.write(record)
-        if is_main:  # atomically: it marks the run as evaluated at this step (here and in recipe.ablation)
-            write_atomically(os.path.join(final_dir, "eval.json"),
-                             json.dumps({"step": step, **record["eval"]}, indent=1).encode())
+    finish(run, cfg, step, metrics)
     return 0
 
 

@@ -8,8 +8,8 @@ import pytest
 from assets import REPO
 
 from recipe.config import ConfigError, load_config
+from recipe.engine import deepspeed_config, zero3_loading
 from recipe.train import plan_steps
-from recipe.trainer import deepspeed_config, zero3_loading
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "recipe", "configs", "*.yaml"))))
@@ -40,6 +40,25 @@ def test_errors_list_what_is_valid(tmp_path):
         load_config(str(tmp_path / "missing.yaml"))
     with pytest.raises(ConfigError, match="--set takes key=value"):
         load_config(demo, ["optim.lr"])
+
+
+def test_multiple_choice_knobs_list_their_values_from_one_place(demo_assets):
+    demo = os.path.join(REPO, "recipe/configs/demo_switchkd.yaml")
+    with pytest.raises(ConfigError, match=r"loss.impl = 'cuda'; valid: \['auto', 'torch', 'triton'\]"):
+        load_config(demo, ["loss.impl=cuda"])
+    with pytest.raises(ConfigError, match=r"zero_stage = 1; valid: \[2, 3\]"):
+        load_config(demo, ["zero_stage=1"])
+    with pytest.raises(ConfigError, match=r"precision = True; valid"):
+        load_config(demo, ["precision=true"])
+    # The chat renderer accepts every value the config does (they once disagreed on "tokenizer").
+    from recipe.config import ChatTemplate, choices
+    from recipe.data.conversation import chat_renderer
+    assert load_config(demo, ["data.template=tokenizer"]).data.template == "tokenizer"
+    from recipe.models import load_tokenizer
+    tokenizer = load_tokenizer(demo_assets["student"])
+    messages = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]
+    for template in choices(ChatTemplate):
+        assert "A." in chat_renderer(tokenizer, template)(messages)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -278,7 +278,7 @@ torch.distributed.barrier()
 @pytest.mark.slow
 def test_synced_generation_under_zero3_with_uneven_ranks_and_a_text_only_batch(student, demo_assets, tmp_path):
     """Rank 1 has a text-only batch (no vision tower call of its own) while rank 0 has images, and rank 0 has
-    fewer batches than rank 1. Without the placeholder row and batches, the ranks' parameter all-gathers go
+    fewer batches than rank 1. Without the stand-in row and batches, the ranks' parameter all-gathers go
     out of step (gloo: "collective mismatch") or a rank waits forever; with them, each rank's results equal
     the single-process ones."""
     model, tokenizer, image_processor = student

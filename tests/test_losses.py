@@ -1,4 +1,4 @@
-"""DBiLD reference (SPEC.md values), its properties, and the baselines."""
+"""DBiLD reference (the values of docs/method.md), its properties, and the baselines."""
 import pytest
 import torch
 

@@ -75,12 +75,12 @@ def test_teacher_pass_matches_hf_forward_at_supervised_positions(pair, mixed_bat
         full = teacher(input_ids=mixed_batch["input_ids"], attention_mask=mixed_batch["attention_mask"],
                        pixel_values=mixed_batch["pixel_values"]).logits
     sample, position, targets = supervised_positions(mixed_batch["labels"])
-    assert torch.allclose(passes.teacher, full[sample, position], atol=1e-4)
+    assert torch.allclose(passes.teacher_logits(), full[sample, position], atol=1e-4)
     assert torch.equal(passes.targets, mixed_batch["labels"][sample, position + 1])
 
 
 def test_a_teacher_that_preprocesses_differently_sees_its_own_pixel_values(demo_assets, pair):
-    """SPEC: the teacher pass takes E_T(image_T). A teacher with other normalisation gets its own pixels."""
+    """docs/method.md: the teacher pass takes E_T(image_T). A teacher with other normalisation gets its own pixels."""
     student, teacher = pair
     student_processor = load_image_processor(demo_assets["student"])
     teacher_processor = copy.deepcopy(student_processor)
@@ -104,25 +104,26 @@ def test_a_teacher_that_preprocesses_differently_sees_its_own_pixel_values(demo_
         own, shared = (teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                pixel_values=batch[key]).logits[sample, position]
                        for key in ("teacher_pixel_values", "pixel_values"))
-    assert torch.allclose(passes.teacher, own, atol=1e-4) and not torch.allclose(passes.teacher, shared, atol=1e-3)
+    teacher_logits = passes.teacher_logits()
+    assert torch.allclose(teacher_logits, own, atol=1e-4) and not torch.allclose(teacher_logits, shared, atol=1e-3)
     # The switch pass still runs on the student's own features (E_S(image_S)).
     student_pixels_only = {k: v for k, v in batch.items() if k != "teacher_pixel_values"}
-    assert torch.equal(run_passes(student, teacher, student_pixels_only).switch, passes.switch)
+    assert torch.equal(run_passes(student, teacher, student_pixels_only).switch_logits(), passes.switch_logits())
     # A text-only micro-batch (the stand-in image path) works with the teacher's empty pixel values too.
     text_only = collator([dataset[i] for i in text])
     assert text_only["teacher_pixel_values"].shape[0] == 0
-    assert run_passes(student, teacher, text_only).teacher.shape[0] > 0
+    assert run_passes(student, teacher, text_only).teacher_logits().shape[0] > 0
 
 
 def test_switch_pass_equals_teacher_pass_when_student_vision_is_the_teachers(pair, mixed_batch):
     student, teacher = copy.deepcopy(pair[0]), pair[1]
     student.model.vision_tower.load_state_dict(teacher.model.vision_tower.state_dict())
     passes = run_passes(student, teacher, mixed_batch)
-    assert passes.switch.shape[0] == int(passes.switch_rows.sum()) > 0
-    assert torch.allclose(passes.switch, passes.teacher[passes.switch_rows], atol=1e-5)
+    assert passes.switch_logits().shape[0] == int(passes.switch_rows.sum()) > 0
+    assert torch.allclose(passes.switch_logits(), passes.teacher_logits()[passes.switch_rows], atol=1e-5)
     # With its own vision tower the student's features do change the teacher's output.
     other = run_passes(pair[0], teacher, mixed_batch)
-    assert not torch.allclose(other.switch, other.teacher[other.switch_rows], atol=1e-3)
+    assert not torch.allclose(other.switch_logits(), other.teacher_logits()[other.switch_rows], atol=1e-3)
 
 
 def test_vsd_alone_trains_only_the_student_vision_tower(pair, mixed_batch):
@@ -206,7 +207,7 @@ def switch_step(student, teacher, batch) -> dict:
         for h in hooks:
             h.remove()
     grad = torch.cat([p.grad.flatten() for p in student.model.vision_tower.parameters() if p.grad is not None])
-    return {"switch": passes.switch, "grad": grad, "saved_bytes": sum(saved.values()),
+    return {"switch": passes.switch_logits().detach(), "grad": grad, "saved_bytes": sum(saved.values()),
             "forward_calls": forward_calls, "backward_calls": layer_calls[0] - forward_calls}
 
 

@@ -156,7 +156,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, demo_assets
 
 
 def test_resumed_metrics_keep_the_steps_up_to_the_checkpoint_and_drop_a_torn_line(tmp_path):
-    from recipe.trainer import MetricsLog
+    from recipe.metrics import MetricsLog
 
     path = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3)] + [json.dumps({"step": 2, "eval": {}})]
@@ -221,20 +221,20 @@ PARTITIONED_LOAD = """
 import json, os, sys
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 import deepspeed
-from recipe import trainer as T
+from recipe import engine
 from recipe.config import TrainConfig
 from recipe.models import load_vlm
 deepspeed.init_distributed(dist_backend="gloo")
-ds = T.deepspeed_config(TrainConfig(zero_stage=3), "fp32")
+ds = engine.deepspeed_config(TrainConfig(zero_stage=3), "fp32")
 ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
 plain = load_vlm(sys.argv[1])
-alive = T.zero3_loading(ds)
+alive = engine.zero3_loading(ds)
 partitioned = load_vlm(sys.argv[1])
 sizes = lambda m: [sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in g["params"])
-                   for g in T.param_groups(m, 0.1)]
+                   for g in engine.param_groups(m, 0.1)]
 print(json.dumps({"released": all(p.numel() == 0 for p in partitioned.parameters()),
                   "groups": [sizes(plain), sizes(partitioned)],
-                  "counts": [T.parameter_counts(plain), T.parameter_counts(partitioned)]}))
+                  "counts": [engine.parameter_counts(plain), engine.parameter_counts(partitioned)]}))
 """
 
 

@@ -14,7 +14,7 @@ from recipe.data.conversation import (
 from recipe.data.dataset import ShardDataset
 from recipe.data.sampler import ResumableDistributedSampler
 from recipe.data.shards import InputError, NothingKept, convert_to_shards, read_index, summary_line
-from recipe.data.validate import IMAGE_TAG, Reject, check_sample
+from recipe.data.validate import IMAGE_TAG, Reject, check_image_tags, check_sample
 
 __all__ = [
     "IGNORE_INDEX",
@@ -27,6 +27,7 @@ __all__ = [
     "ResumableDistributedSampler",
     "ShardDataset",
     "chat_renderer",
+    "check_image_tags",
     "check_sample",
     "convert_to_shards",
     "encode_conversation",

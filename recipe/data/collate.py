@@ -7,7 +7,7 @@ Batch dict:
   pixel_values    (N_img, 3, H, W) float32: the images of the rows with has_image, in row order;
                   (0, 3, H, W) when no row has an image
   teacher_pixel_values  the same images through the teacher's image processor, only when the collator
-                  has one (a teacher that preprocesses differently from the student: SPEC's image_T)
+                  has one (a teacher that preprocesses differently from the student: docs/method.md's image_T)
   has_image       (B,) bool
   ids             list of B sample ids
   dropped         {reason: count} of items left out of this batch (see conversation.DroppedSample)
@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from recipe.data.conversation import IGNORE_INDEX, DroppedSample, encode_conversation
+from recipe.data.validate import Reject, check_image_tags
 
 
 class Collator:
@@ -51,9 +52,10 @@ class Collator:
         rows, images, dropped = [], [], {}
         for item in items:
             with_image = item.get("image") is not None
-            tags = sum(turn["value"].count(self.image_token) for turn in item["conversations"])
-            if tags != int(with_image):
-                raise ValueError(f"sample {item.get('id')!r}: {tags} {self.image_token} tags but image={with_image}")
+            try:
+                check_image_tags(item["conversations"], with_image=with_image, image_tag=self.image_token)
+            except Reject as error:
+                raise ValueError(f"sample {item.get('id')!r}: {error}") from None
             try:
                 encoded = encode_conversation(
                     item["conversations"],

@@ -13,10 +13,11 @@ to `num_image_tokens` copies that the model replaces with projected visual featu
 
 import torch
 
+from recipe.config import ChatTemplate, choices
+
 IGNORE_INDEX = -100
 CHATML_SYSTEM_PROMPT = "You are a helpful assistant."
 ROLE_NAMES = {"human": "user", "gpt": "assistant"}
-TEMPLATES = ("auto", "tokenizer", "chatml")
 
 
 class DroppedSample(Exception):
@@ -48,11 +49,11 @@ def render_chatml(messages: list[dict], add_generation_prompt: bool = False) -> 
     return text
 
 
-def chat_renderer(tokenizer, template: str = "auto"):
+def chat_renderer(tokenizer, template: ChatTemplate = "auto"):
     """render(messages, add_generation_prompt) -> str. "auto": the tokenizer's chat template when it
     has one, else ChatML; "tokenizer": the tokenizer's (must exist); "chatml": ChatML."""
-    if template not in TEMPLATES:
-        raise ValueError(f"unknown template {template!r}; choose from {TEMPLATES}")
+    if template not in choices(ChatTemplate):
+        raise ValueError(f"unknown template {template!r}; choose from {choices(ChatTemplate)}")
     if template == "auto":
         template = "tokenizer" if getattr(tokenizer, "chat_template", None) else "chatml"
     if template == "chatml":

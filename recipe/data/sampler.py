@@ -7,8 +7,8 @@ entry starting at r, so after every rank has taken k samples the ranks together 
 the first k * world_size entries of the global order.
 
 Consumption is counted *globally* and explicitly: the trainer calls `advance(n)` after each
-optimizer step with n = micro_batch_size * grad_accum * world_size (all samples the step used on
-all ranks; samples the collator dropped as too long count too - they were drawn). Counting inside
+micro-batch with n = micro_batch_size * world_size (the samples that micro-batch drew on all ranks;
+samples the collator dropped as too long count too - they were drawn). Counting inside
 __iter__ would be wrong: DataLoader workers prefetch indices ahead of training. After
 `load_state_dict({"epoch", "consumed"})` the next `iter()` starts at entry `consumed` of the same
 global order, so interrupted + resumed runs see exactly the uninterrupted sequence. Because

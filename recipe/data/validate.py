@@ -27,7 +27,7 @@ IMAGE_TAG = "<image>"
 ROLES = ("human", "gpt")
 
 
-class Reject(Exception):
+class Reject(ValueError):
     """A sample that must not go into a shard; `reason` is one of the codes above."""
 
     def __init__(self, reason: str, detail: str = ""):
@@ -63,10 +63,17 @@ def check_conversation(turns, *, with_image: bool) -> None:
         raise Reject("bad_roles", "/".join(roles)[:80])
     if any(not turn["value"].strip() for turn in turns):
         raise Reject("empty_turn")
-    tags_first = turns[0]["value"].count(IMAGE_TAG)
-    tags_later = sum(turn["value"].count(IMAGE_TAG) for turn in turns[1:])
+    check_image_tags(turns, with_image=with_image)
+
+
+def check_image_tags(turns: list[dict], *, with_image: bool, image_tag: str = IMAGE_TAG) -> None:
+    """An image sample has exactly one image tag, in its first turn; a text-only sample has none.
+    The one check of the tags, for conversion, training and evaluation alike. Raises Reject."""
+    tags_first = turns[0]["value"].count(image_tag)
+    tags_later = sum(turn["value"].count(image_tag) for turn in turns[1:])
     if tags_later or tags_first != (1 if with_image else 0):
-        raise Reject("image_tag_count", f"first turn {tags_first}, later turns {tags_later}")
+        raise Reject("image_tag_count", f"{'an image' if with_image else 'no image'}, {image_tag} tags: "
+                                        f"first turn {tags_first}, later turns {tags_later}")
 
 
 def read_image_file(path: str) -> tuple[bytes, Image.Image]:

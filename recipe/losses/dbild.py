@@ -1,6 +1,6 @@
 """DBiLD (Dynamic Bi-directional Logits Difference) and the BiLD / KL baselines, in plain PyTorch.
 
-This file is the reference: ../shared/SPEC.md ("DBiLD") is the definition, and every faster
+This file is the reference: docs/method.md ("DBiLD") is the definition, and every faster
 implementation (recipe/kernels) is tested against `dbild_loss_torch`. Shapes: one row per supervised
 token, one column per vocabulary entry. Arithmetic runs in float32 (float64 if given float64).
 
@@ -29,7 +29,7 @@ def candidate_window(lead: torch.Tensor, candidates: int) -> tuple[torch.Tensor,
 
 
 def knee_k(window: torch.Tensor, k_min: int, k_max: int) -> torch.Tensor:
-    """k per row from the Kneedle knee of a descending window (rows, C): SPEC.md, DBiLD step 2.
+    """k per row from the Kneedle knee of a descending window (rows, C): docs/method.md, DBiLD step 2.
 
     The knee is the point farthest BELOW the chord from the first to the last point, so a steep
     (confident) row gets a small k and a flat row a large one.
@@ -122,7 +122,7 @@ def check_logits(ref: torch.Tensor, trainee: torch.Tensor, candidates: int, k_mi
 
 
 def dbild_loss_torch(ref, trainee, *, candidates=64, k_min=2, k_max=None, temperature=3.0) -> torch.Tensor:
-    """Mean over rows of L_t + L_s (SPEC.md). A zero-row input gives 0 with a gradient path."""
+    """Mean over rows of L_t + L_s (docs/method.md). A zero-row input gives 0 with a gradient path."""
     check_logits(ref, trainee, candidates, k_min, k_max)
     if ref.shape[0] == 0:
         return trainee.sum() * 0.0

@@ -1,4 +1,5 @@
-"""Start-up check that a teacher and a student can be distilled with the switch pass (SPEC.md, Models)."""
+"""Start-up check that a teacher and a student can be distilled with the switch pass (docs/method.md,
+"The three passes")."""
 from __future__ import annotations
 
 from recipe.models.loading import image_token_count, vision_feature_width

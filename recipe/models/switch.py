@@ -1,12 +1,14 @@
-"""The three forward passes of Switch-KD (SPEC.md) over LlavaForConditionalGeneration models.
+"""The three forward passes of Switch-KD (docs/method.md, "The three passes") over
+LlavaForConditionalGeneration models.
 
     teacher pass  z_T  = L_T(P_T(E_T(image)), text)   no_grad, once per micro-step, reused by both losses
     student pass  z_S  = L_S(P_S(E_S(image)), text)
     switch pass   z_SW = L_T(P_T(E_S(image)), text)   gradients reach E_S only
 
-Logits exist only at supervised positions: hidden states are gathered there before the LM head, so no
-(batch x sequence x vocab) tensor is ever built. Every submodule is called through its forward (never
-through its .weight) so that ZeRO-3 gathers partitioned parameters on the way.
+The passes end at the language models' last hidden states, gathered at the supervised positions; the loss
+(recipe/losses/objective.py) applies the LM heads, so no (batch x sequence x vocab) tensor is ever built.
+Every submodule is called through its forward (never through its .weight) so that ZeRO-3 gathers
+partitioned parameters on the way.
 """
 from __future__ import annotations
 
@@ -57,17 +59,12 @@ def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return sample, position, labels[sample, position + 1]
 
 
-def supervised_logits(vlm, hidden: torch.Tensor, sample: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    return vlm.lm_head(hidden[sample, position])
-
-
 def enable_switch_checkpointing(teacher) -> bool:
     """Checkpoint the teacher's decoder layers in the switch pass, which backpropagates to E_S through the
-    whole teacher language model. Without it that pass keeps every layer's activations for the backward:
-    94 KB per token and layer at Qwen2.5-3B's layer shape in bf16, 3.3 MB per token over its 36 layers;
-    8 KB per token and layer when checkpointed (saved-tensor hooks, CPU, SDPA). The teacher pass runs
-    under no_grad and is not affected. Returns False, with a warning, for decoder layers that read their
-    own training flag (their output would change with it; see `frozen_layers_checkpointing`)."""
+    whole teacher language model: without it that pass keeps every layer's activations for the backward
+    (tests/perf/README.md has the measured sizes). The teacher pass runs under no_grad and is not affected.
+    Returns False, with a warning, for decoder layers that read their own training flag (their output would
+    change with it; see `frozen_layers_checkpointing`)."""
     language_model = teacher.model.language_model
     layers = [m for m in language_model.modules() if isinstance(m, GradientCheckpointingLayer)]
     unsafe = sorted({type(m).__name__ for m in layers if _reads_training_flag(type(m))})
@@ -108,12 +105,32 @@ def frozen_layers_checkpointing(module: nn.Module):
 
 @dataclass
 class PassOutputs:
-    student: torch.Tensor  # (rows, V) z_S
+    """The passes' last hidden states at the supervised rows, and the LM heads that make them logits.
+
+    Rows are supervised tokens in (sample, position) order; the switch pass has the rows of image samples.
+    """
+    student_hidden: torch.Tensor  # (rows, H_S): z_S = student_head(student_hidden)
     targets: torch.Tensor  # (rows,)
-    teacher: torch.Tensor | None = None  # (rows, V) z_T, no grad
-    switch: torch.Tensor | None = None  # (switch rows, V) z_SW
-    switch_rows: torch.Tensor | None = None  # (rows,) bool: rows of image samples, i.e. rows of z_SW
+    student_head: nn.Module
+    teacher_hidden: torch.Tensor | None = None  # (rows, H_T), no grad: z_T = teacher_head(teacher_hidden)
+    switch_hidden: torch.Tensor | None = None  # (switch rows, H_T): z_SW = teacher_head(switch_hidden)
+    switch_rows: torch.Tensor | None = None  # (rows,) bool: the rows of image samples, i.e. the rows of z_SW
+    teacher_head: nn.Module | None = None
     anchor: torch.Tensor | None = None  # 0-valued term tying a stand-in image's passes into the backward
+    # The divergences compare the first `vocab` logits only: the id range both tokenizers map identically,
+    # when one table has padding rows or trailing added tokens (docs/method.md, "The three passes").
+    # None: the whole (equal-sized) tables. CE always sees the student's whole table.
+    vocab: int | None = None
+
+    def student_logits(self) -> torch.Tensor:
+        return self.student_head(self.student_hidden)
+
+    def teacher_logits(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.teacher_head(self.teacher_hidden)
+
+    def switch_logits(self) -> torch.Tensor:
+        return self.teacher_head(self.switch_hidden)
 
 
 def stand_in_image(vlm) -> torch.Tensor:
@@ -145,7 +162,7 @@ def run_passes(student, teacher, batch: dict, *, with_switch: bool = True) -> Pa
     student_features = vision_features(student, pixel_values)
     student_embeds = student.model.multi_modal_projector(student_features)
     student_hidden = language_hidden(student, input_ids, attention_mask, None if stand_in else student_embeds)
-    out = PassOutputs(student=supervised_logits(student, student_hidden, sample, position), targets=targets)
+    out = PassOutputs(student_hidden=student_hidden[sample, position], targets=targets, student_head=student.lm_head)
     if stand_in:
         out.anchor = student_embeds.sum() * 0.0
     if teacher is None:
@@ -158,7 +175,8 @@ def run_passes(student, teacher, batch: dict, *, with_switch: bool = True) -> Pa
     with torch.no_grad():
         teacher_embeds = teacher.model.multi_modal_projector(vision_features(teacher, teacher_pixels))
         teacher_hidden = language_hidden(teacher, input_ids, attention_mask, None if stand_in else teacher_embeds)
-        out.teacher = supervised_logits(teacher, teacher_hidden, sample, position)
+        out.teacher_hidden = teacher_hidden[sample, position]
+    out.teacher_head = teacher.lm_head
 
     if with_switch:
         switch_embeds = teacher.model.multi_modal_projector(student_features)
@@ -174,7 +192,7 @@ def run_passes(student, teacher, batch: dict, *, with_switch: bool = True) -> Pa
                                                 switch_embeds)
                 # Sample indices inside the image-only sub-batch, for the same rows in the same order.
                 sub_sample, sub_position = (torch.cumsum(has_image.long(), 0) - 1)[sample[rows]], position[rows]
-        out.switch = supervised_logits(teacher, switch_hidden, sub_sample, sub_position)
+        out.switch_hidden = switch_hidden[sub_sample, sub_position]
         out.switch_rows = rows
     return out
 

@@ -1,0 +1,110 @@
+"""Checkpoints of a run (DeepSpeed's, without the frozen teacher, plus RNG states) and the final export."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from recipe.distributed import rank
+from recipe.files import write_atomically
+
+LATEST = "latest"
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "chat_template.jinja", "chat_template.json")
+
+
+def latest_tag(checkpoint_dir: str) -> str | None:
+    """The newest complete checkpoint: `latest` is written only after every rank has saved."""
+    path = os.path.join(checkpoint_dir, LATEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        tag = f.read().strip()
+    return tag if os.path.isdir(os.path.join(checkpoint_dir, tag)) else None
+
+
+def save_checkpoint(engine, checkpoint_dir: str, step: int, client_state: dict, keep: int) -> str:
+    tag = f"step{step:08d}"
+    # The frozen teacher is loaded from teacher.path on every start; it is not part of the checkpoint.
+    engine.save_checkpoint(checkpoint_dir, tag=tag, client_state=client_state, save_latest=False,
+                           exclude_frozen_parameters=True)
+    torch.save(rng_state(), os.path.join(checkpoint_dir, tag, f"rng_rank{rank():05d}.pt"))
+    if dist.is_initialized():
+        dist.barrier()
+    if rank() == 0:
+        write_atomically(os.path.join(checkpoint_dir, LATEST), tag.encode())
+        rotate_checkpoints(checkpoint_dir, keep)
+    if dist.is_initialized():
+        dist.barrier()
+    return tag
+
+
+def rotate_checkpoints(checkpoint_dir: str, keep: int) -> None:
+    tags = sorted(t for t in os.listdir(checkpoint_dir) if t.startswith("step") and
+                  os.path.isdir(os.path.join(checkpoint_dir, t)))
+    current = latest_tag(checkpoint_dir)
+    for tag in tags[:-keep]:
+        if tag != current:
+            shutil.rmtree(os.path.join(checkpoint_dir, tag), ignore_errors=True)
+
+
+def load_checkpoint(engine, checkpoint_dir: str, tag: str) -> dict:
+    _, client_state = engine.load_checkpoint(checkpoint_dir, tag=tag, load_module_strict=False,
+                                             load_optimizer_states=True, load_lr_scheduler_states=True)
+    if client_state is None:
+        raise RuntimeError(f"could not load checkpoint {checkpoint_dir}/{tag}")
+    rng_file = os.path.join(checkpoint_dir, tag, f"rng_rank{rank():05d}.pt")
+    if os.path.isfile(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return client_state
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def evaluated_step(final_dir: str) -> int | None:
+    """The step whose exported student final/eval.json scores, None when there is none (or it is older
+    than this field). A run extended past that step is evaluated again."""
+    try:
+        with open(os.path.join(final_dir, "eval.json")) as f:
+            return json.load(f).get("step")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def export_student(engine, student, out_dir: str, tokenizer, student_path: str) -> None:
+    """Save the student with save_pretrained (gathering ZeRO-3 partitions) plus tokenizer and processor."""
+    import deepspeed
+
+    params = list(student.parameters())
+    gathered = (deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+                if engine.zero_optimization_stage() == 3 else contextlib.nullcontext())
+    with gathered:
+        if rank() == 0:
+            os.makedirs(out_dir, exist_ok=True)
+            state = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
+            student.save_pretrained(out_dir, state_dict=state)
+    if rank() == 0:
+        tokenizer.save_pretrained(out_dir)
+        for name in PROCESSOR_FILES:
+            if os.path.isfile(os.path.join(student_path, name)):
+                shutil.copy(os.path.join(student_path, name), os.path.join(out_dir, name))
+    if dist.is_initialized():
+        dist.barrier()
