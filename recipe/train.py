@@ -67,9 +67,13 @@ def build_models(cfg, precision):
     if cfg.distill:
         from transformers import AutoConfig
         # Checked on configs and tokenizers before any weights are loaded.
-        check_pair(AutoConfig.from_pretrained(cfg.teacher.path), AutoConfig.from_pretrained(cfg.student.path),
-                   load_tokenizer(cfg.teacher.path), tokenizer)
+        pair = check_pair(AutoConfig.from_pretrained(cfg.teacher.path), AutoConfig.from_pretrained(cfg.student.path),
+                          load_tokenizer(cfg.teacher.path), tokenizer)
+        if T.rank() == 0:
+            for note in pair.notes:
+                print(f"[train] pair check: {note}", flush=True)
         teacher = load_vlm(cfg.teacher.path, precision=precision, attention=cfg.attention)
+        teacher.config.image_token_id = pair.image_token_id  # the student's tokenizer encodes both passes' text
     student = load_vlm(cfg.student.path, precision=precision, attention=cfg.attention)
     if not cfg.train_vision_tower:
         student.model.vision_tower.requires_grad_(False)

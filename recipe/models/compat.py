@@ -2,6 +2,8 @@
 "The three passes")."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from recipe.models.loading import image_token_count, vision_feature_width
 
 
@@ -9,12 +11,84 @@ class IncompatiblePair(ValueError):
     """Teacher and student cannot be paired; the message names every mismatch with both values."""
 
 
+@dataclass
+class PairCheck:
+    """What the pair check settled.
+
+    shared_vocab: the leading vocabulary ids both models' losses are compared over (the smaller table; the other's
+    extra rows are padding or tokens the student's tokenizer never produces). image_token_id: the id that marks
+    image positions for both models (the student's: its tokenizer encodes the data of every pass). notes: what
+    was reconciled, one line each, for the start-up log.
+    """
+    shared_vocab: int
+    image_token_id: int
+    notes: list[str] = field(default_factory=list)
+
+
 def _special_ids(tokenizer) -> dict[str, int | None]:
     return {name: getattr(tokenizer, f"{name}_id", None) for name in ("pad_token", "eos_token", "bos_token")}
 
 
-def check_pair(teacher_config, student_config, teacher_tokenizer=None, student_tokenizer=None) -> None:
-    """Raise IncompatiblePair naming each mismatch; return None when the pair works."""
+def _id_ranges(ids: list[int]) -> str:
+    ranges, start = [], None
+    for i, current in enumerate(ids):
+        start = current if start is None else start
+        if i + 1 == len(ids) or ids[i + 1] != current + 1:
+            ranges.append(str(start) if start == current else f"{start}-{current}")
+            start = None
+    return ", ".join(ranges)
+
+
+def _reconcile_tokenizers(teacher_config, student_config, teacher_tokenizer, student_tokenizer, shared: int):
+    """(problems, notes): the teacher must read every id the student's tokenizer produces (the data and the
+    template are encoded with it) as the same token; the rest of its tokenizer never reaches the models."""
+    problems, notes = [], []
+    student = {i: token for token, i in student_tokenizer.get_vocab().items()}
+    teacher = {i: token for token, i in teacher_tokenizer.get_vocab().items()}
+    student_image, teacher_image = student_config.image_token_id, teacher_config.image_token_id
+    differing = [i for i in sorted(student) if i != student_image and teacher.get(i) != student[i]]
+    if differing:
+        lengths = (f"tokenizer length: teacher {len(teacher_tokenizer)} vs student {len(student_tokenizer)}; "
+                   if len(teacher_tokenizer) != len(student_tokenizer) else "")
+        sample = ", ".join(f"id {i}: student {student[i]!r} vs teacher {teacher.get(i)!r}" for i in differing[:3])
+        problems.append(f"{lengths}token ids differ for {len(differing)} of the student tokenizer's ids "
+                        f"(e.g. {sample})")
+    highest = max(student)
+    if highest >= shared:
+        problems.append(f"vocabulary size: teacher {teacher_config.text_config.vocab_size} vs student "
+                        f"{student_config.text_config.vocab_size}, and the student's tokenizer produces ids up to "
+                        f"{highest}")
+    elif teacher_config.text_config.vocab_size != student_config.text_config.vocab_size:
+        notes.append(f"vocabulary: teacher {teacher_config.text_config.vocab_size} rows vs student "
+                     f"{student_config.text_config.vocab_size}; the losses compare the first {shared} ids, which hold "
+                     f"every id the student's tokenizer produces (up to {highest})")
+    unused = sorted(set(teacher) - set(student))
+    if unused:
+        names = ", ".join(repr(teacher[i]) for i in unused[:4]) + (", ..." if len(unused) > 4 else "")
+        notes.append(f"the teacher's tokenizer has {len(unused)} tokens the student's tokenizer never produces "
+                     f"(ids {_id_ranges(unused)}: {names}); the data never holds them")
+    if student_image != teacher_image:
+        if student_image >= teacher_config.text_config.vocab_size:
+            problems.append(f"image token id: teacher {teacher_image} vs student {student_image}, outside the "
+                            f"teacher's {teacher_config.text_config.vocab_size}-row table")
+        else:
+            notes.append(f"image token: the student's id {student_image} marks image positions in both passes (the "
+                         f"teacher's tokenizer has {teacher.get(student_image)!r} there, its own image token is "
+                         f"{teacher_image})")
+    teacher_special, student_special = _special_ids(teacher_tokenizer), _special_ids(student_tokenizer)
+    if teacher_special != student_special and not differing:
+        notes.append(f"special token roles: teacher {teacher_special} vs student {student_special}; the data is "
+                     f"encoded with the student's tokenizer, whose ids both read alike")
+    return problems, notes
+
+
+def check_pair(teacher_config, student_config, teacher_tokenizer=None, student_tokenizer=None) -> PairCheck:
+    """Raise IncompatiblePair naming each mismatch with both values; else what was reconciled.
+
+    Without tokenizers the vocabularies must match exactly (size and image token id). With them, the pair
+    only needs the teacher to read every id the student's tokenizer can produce as the same token: tables
+    may differ by padding rows or trailing tokens, Qwen2.5's extra special tokens are fine next to Qwen2.
+    """
     problems = []
 
     def compare(what, teacher_value, student_value):
@@ -25,17 +99,15 @@ def check_pair(teacher_config, student_config, teacher_tokenizer=None, student_t
     compare("vision feature width (student E_S output -> teacher projector input)",
             vision_feature_width(teacher_config), vision_feature_width(student_config))
     compare("image tokens per image", image_token_count(teacher_config), image_token_count(student_config))
-    compare("vocabulary size", teacher_config.text_config.vocab_size, student_config.text_config.vocab_size)
-    compare("image token id", teacher_config.image_token_id, student_config.image_token_id)
-    if teacher_tokenizer is not None and student_tokenizer is not None:
-        compare("tokenizer length", len(teacher_tokenizer), len(student_tokenizer))
-        compare("special token ids", _special_ids(teacher_tokenizer), _special_ids(student_tokenizer))
-        teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
-        shared = teacher_vocab.keys() & student_vocab.keys()
-        differing = sorted(t for t in shared if teacher_vocab[t] != student_vocab[t])
-        if differing or teacher_vocab.keys() != student_vocab.keys():
-            sample = differing[:3] or sorted(teacher_vocab.keys() ^ student_vocab.keys())[:3]
-            problems.append(f"token ids differ for {len(differing)} shared tokens and "
-                            f"{len(teacher_vocab.keys() ^ student_vocab.keys())} unshared ones (e.g. {sample})")
+    shared = min(teacher_config.text_config.vocab_size, student_config.text_config.vocab_size)
+    notes = []
+    if teacher_tokenizer is None or student_tokenizer is None:
+        compare("vocabulary size", teacher_config.text_config.vocab_size, student_config.text_config.vocab_size)
+        compare("image token id", teacher_config.image_token_id, student_config.image_token_id)
+    else:
+        found, notes = _reconcile_tokenizers(teacher_config, student_config, teacher_tokenizer, student_tokenizer,
+                                             shared)
+        problems += found
     if problems:
         raise IncompatiblePair("teacher and student are incompatible for Switch-KD:\n  - " + "\n  - ".join(problems))
+    return PairCheck(shared_vocab=shared, image_token_id=student_config.image_token_id, notes=notes)
