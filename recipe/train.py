@@ -69,7 +69,7 @@ def build_models(cfg, precision):
         # Checked on configs and tokenizers before any weights are loaded.
         pair = check_pair(AutoConfig.from_pretrained(cfg.teacher.path), AutoConfig.from_pretrained(cfg.student.path),
                           load_tokenizer(cfg.teacher.path), tokenizer)
-        if T.rank() == 0:
+        if rank() == 0:
             for note in pair.notes:
                 print(f"[train] pair check: {note}", flush=True)
         teacher = load_vlm(cfg.teacher.path, precision=precision, attention=cfg.attention)
