@@ -13,6 +13,7 @@ _PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 
 import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 
@@ -22,13 +23,15 @@ import torch  # noqa: E402
 triton = pytest.importorskip("triton", reason="triton is not importable: the fused DBiLD kernels cannot run")
 
 import recipe.kernels as kernels  # noqa: E402
-import recipe.kernels.dbild_triton as kt  # noqa: E402
+import recipe.kernels.dbild as kd  # noqa: E402
 import recipe.losses.dbild as reference  # noqa: E402
+from recipe.kernels.tuning import DEFAULT_TUNING, DBiLDTuning  # noqa: E402
+from recipe.kernels.window_lanes import _below, _dbild_window_kernel  # noqa: E402
 from recipe.losses import dbild_loss  # noqa: E402
 from recipe.losses.dbild import dbild_branches_torch, dbild_loss_torch  # noqa: E402
 
 IN_PROCESS = "Interpreted" in type(triton.language.standard.sum).__name__ and \
-    "Interpreted" in type(kt._dbild_window_kernel).__name__
+    "Interpreted" in type(_dbild_window_kernel).__name__
 # Subprocesses started by other tests should not inherit the interpreter; set again while ours run.
 if _PREVIOUS_INTERPRET is None:
     os.environ.pop("TRITON_INTERPRET")
@@ -93,17 +96,16 @@ def _assert_same_branches(ours, want, tol=1e-5):
         torch.testing.assert_close(ours[name], want[name], rtol=tol, atol=tol)
 
 
-def _compare(ref, trainee, loss_tol, grad_rtol, grad_atol, equal_nan=False, **kw):
-    """Loss, per-row k and branch losses, and gradient of the kernels against the reference.
-    lanes / block_v / cap / exact_only (tiling and path overrides) go to dbild_branches_triton only."""
-    tiling = {name: kw.pop(name) for name in ("lanes", "block_v", "cap", "exact_only") if name in kw}
-    ours = kernels.dbild_branches_triton(ref, trainee, **kw, **tiling)
+def _compare(ref, trainee, loss_tol, grad_rtol, grad_atol, equal_nan=False, tuning=None, **kw):
+    """Loss, per-row k and branch losses, and gradient of the kernels (with `tuning`, a DBiLDTuning,
+    where given) against the reference."""
+    ours = kernels.dbild_branches_triton(ref, trainee, **kw, tuning=tuning)
     want = dbild_branches_torch(ref, trainee, **kw)
     for name in ("ref_led_k", "trainee_led_k"):
         assert torch.equal(ours[name], want[name]), name
     for name in ("ref_led_loss", "trainee_led_loss"):
         torch.testing.assert_close(ours[name], want[name], rtol=loss_tol, atol=loss_tol, equal_nan=equal_nan)
-    loss, grad = _loss_and_grad(kernels.dbild_loss_triton, ref, trainee, **kw)
+    loss, grad = _loss_and_grad(kernels.dbild_loss_triton, ref, trainee, **kw, tuning=tuning)
     loss_ref, grad_ref = _loss_and_grad(dbild_loss_torch, ref, trainee, **kw)
     torch.testing.assert_close(loss, loss_ref, rtol=loss_tol, atol=loss_tol, equal_nan=equal_nan)
     assert grad.dtype == trainee.dtype
@@ -162,11 +164,12 @@ def test_identical_inputs_give_zero():
     (3, 1000, dict(candidates=64, k_min=20, k_max=30)),
     (3, 1000, dict(candidates=64, k_min=40)),
     (3, 4099, dict(candidates=64)),  # 4 full 512-lane blocks (float32) + a 3-element tail
-    (4, 1000, dict(candidates=16, lanes=16)),  # 4 keys x 16 lanes: rows fall back to the exact kernel
+    # 4 keys x 16 lanes: rows fall back to the exact kernel
+    (4, 1000, dict(candidates=16, tuning=DBiLDTuning(lanes=16))),
     # the exact (fallback) kernel alone: 2048-blocks + tail; tiny blocks and lists (many compactions)
-    (3, 4099, dict(candidates=64, exact_only=True)),
-    (4, 1000, dict(candidates=8, block_v=32, cap=64, exact_only=True)),
-    (2, 4099, dict(candidates=8, block_v=128, cap=64, exact_only=True)),
+    (3, 4099, dict(candidates=64, tuning=DBiLDTuning(use_lane_kernel=False))),
+    (4, 1000, dict(candidates=8, tuning=DBiLDTuning(exact_block=32, exact_cap=64, use_lane_kernel=False))),
+    (2, 4099, dict(candidates=8, tuning=DBiLDTuning(exact_block=128, exact_cap=64, use_lane_kernel=False))),
 ])
 def test_matches_reference_fp32(rows, vocab, kw):
     _compare(*_logits(rows, vocab, seed=rows + vocab), loss_tol=1e-5, grad_rtol=1e-4, grad_atol=1e-6, **kw)
@@ -209,14 +212,15 @@ def test_lane_kernel_depths_and_row_layouts(depth, dtype, layout, ties_by_index)
         ref, trainee = ref[:, 1:], trainee[:, 1:]
     else:
         ref, trainee = ref[:, :vocab].contiguous(), trainee[:, :vocab].contiguous()
-    assert kt._packed_rows(ref, trainee) == (layout == "packed")
-    parts = kernels.dbild_branches_triton(ref, trainee, candidates=16, lanes=64, depth=depth, return_fast_rows=True)
+    assert kd._packed_rows(ref, trainee) == (layout == "packed")
+    tuning = DBiLDTuning(lanes=64, lane_depth=depth)
+    parts = kernels.dbild_branches_triton(ref, trainee, candidates=16, tuning=tuning, return_fast_rows=True)
     assert parts["fast_rows"].all()
     _assert_same_branches(parts, dbild_branches_torch(ref, trainee, candidates=16))
 
 
-@pytest.mark.parametrize("interp_path", [True, False])
-def test_threshold_search_from_the_shared_high_bits(interp_path, ties_by_index):
+@pytest.mark.parametrize("interpreter_formulation", [True, False])
+def test_threshold_search_from_the_shared_high_bits(interpreter_formulation, ties_by_index):
     """The bit search for t starts below the bits shared by the row maximum and the least of C group
     maxima: all-negative rows, rows whose maximum and bound differ in sign, rows with a maximum in every
     group (maximum = bound: nothing to search) and rows spanning many powers of two."""
@@ -229,8 +233,8 @@ def test_threshold_search_from_the_shared_high_bits(interp_path, ties_by_index):
     trainee[2, ::16] = 2.5  # one maximum in each group of 16 lanes (the interpreter's grouping): bound = maximum
     trainee[2, 8::64] = 2.0
     trainee[3] = torch.exp2(torch.randn(600, generator=gen) * 3).to(torch.bfloat16)
-    ours = kernels.dbild_branches_triton(ref, trainee, candidates=16, lanes=256, interp_path=interp_path,
-                                         return_fast_rows=True)
+    tuning = DBiLDTuning(lanes=256, interpreter_formulation=interpreter_formulation)
+    ours = kernels.dbild_branches_triton(ref, trainee, candidates=16, tuning=tuning, return_fast_rows=True)
     assert ours["fast_rows"].all()
     _assert_same_branches(ours, dbild_branches_torch(ref, trainee, candidates=16))
 
@@ -241,7 +245,7 @@ def test_fallback_threshold_start():
     @triton.jit  # defined here, where TRITON_INTERPRET=1 is set (jit picks the interpreter at definition)
     def _below_kernel(t_ptr, out_ptr):
         i = triton.language.program_id(0)
-        triton.language.store(out_ptr + i, kt._below(triton.language.load(t_ptr + i)))
+        triton.language.store(out_ptr + i, _below(triton.language.load(t_ptr + i)))
 
     t = torch.tensor([1.0, -1.0, 3.5e-38, -3.5e-38, 7e4, float("inf"), 0.0, -0.0, float("-inf"), float("nan")])
     out = torch.empty_like(t)
@@ -284,12 +288,14 @@ def test_signed_zeros_and_nans_follow_torch_order(dtype, ties_by_index):
     _compare(ref, trainee, loss_tol=1e-5, grad_rtol=1.6e-2, grad_atol=1e-4, equal_nan=True, candidates=8)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(exact_only=True, block_v=64, cap=64)])
-def test_compiled_formulation_under_interpreter(kw):
+@pytest.mark.parametrize("tuning", [DBiLDTuning(interpreter_formulation=False),
+                                    DBiLDTuning(interpreter_formulation=False, use_lane_kernel=False, exact_block=64,
+                                                exact_cap=64)])
+def test_compiled_formulation_under_interpreter(tuning):
     """tl.sort (final window, compactions) and the NaN-propagating custom max: the GPU code path,
     run by the interpreter on small cases (lane kernel; exact kernel with many compactions)."""
     ref, trainee = _logits(2, 300, seed=7)
-    ours = kernels.dbild_branches_triton(ref, trainee, candidates=8, interp_path=False, **kw)
+    ours = kernels.dbild_branches_triton(ref, trainee, candidates=8, tuning=tuning)
     want = dbild_branches_torch(ref, trainee, candidates=8)
     assert torch.equal(ours["ref_led_k"], want["ref_led_k"])
     assert torch.equal(ours["trainee_led_k"], want["trainee_led_k"])
@@ -311,18 +317,22 @@ def _knee_by_reciprocal(window, k_min, k_max):
 
 
 def _tie_heavy(case):
+    """Inputs, loss arguments and the tuning (on top of the compiled formulation) of one case."""
     if case == "bf16_randn":  # tests/perf/check_dbild_gpu.py: rows 37, V 4099, bf16 randn * 3, C 64
         ref, trainee = _logits(6, 4099, dtype=torch.bfloat16, seed=23)
-        return ref, trainee, dict(candidates=64), {}
+        return ref, trainee, dict(candidates=64), DBiLDTuning(interpreter_formulation=False)
     ref, trainee = _logits(16, 1000, seed=0)
     ref, trainee = ref.round(), trainee.round()  # coarse values: most windows end inside a run of ties
     ref[:2] = 1.0  # constant rows: > CAP tied candidates, the exact kernel
     ref, trainee = ref.half(), trainee.half()
     if case == "fp16_ties":  # check_dbild_gpu.py: rows 64, V 1000, fp16 rounded, C 16, k_max 8
-        return ref, trainee, dict(candidates=16, k_max=8), {}
+        return ref, trainee, dict(candidates=16, k_max=8), DBiLDTuning(interpreter_formulation=False)
     # the exact kernel alone, compacting many times with ties at its threshold; crowded 16-lane lists
-    return ref[:6], trainee[:6], dict(candidates=16, k_max=8), (dict(exact_only=True, block_v=128, cap=64)
-                                                         if case == "fp16_ties_exact" else dict(lanes=16))
+    if case == "fp16_ties_exact":
+        tuning = DBiLDTuning(interpreter_formulation=False, use_lane_kernel=False, exact_block=128, exact_cap=64)
+    else:
+        tuning = DBiLDTuning(interpreter_formulation=False, lanes=16)
+    return ref[:6], trainee[:6], dict(candidates=16, k_max=8), tuning
 
 
 @pytest.mark.parametrize("case", ["bf16_randn", "fp16_ties", "fp16_ties_exact", "fp16_ties_crowded"])
@@ -332,7 +342,7 @@ def test_compiled_formulation_on_tie_heavy_low_precision(case, ties_by_index):
     to the C-th value, windows cut through runs of ties. The window (value desc, index asc) and k must
     match the reference exactly, with k from the IEEE-division knee: the cases are chosen so that the
     reciprocal-multiplication knee (torch's on CUDA) would give another k in some row."""
-    ref, trainee, kw, tiling = _tie_heavy(case)
+    ref, trainee, kw, tuning = _tie_heavy(case)
     c = kw["candidates"]
     k_max = kw.get("k_max", c)
     leads = []
@@ -343,7 +353,7 @@ def test_compiled_formulation_on_tie_heavy_low_precision(case, ties_by_index):
     if case in ("bf16_randn", "fp16_ties"):
         assert any(bool((reference.knee_k(v[:, :c], 2, k_max) != _knee_by_reciprocal(v[:, :c], 2, k_max)).any())
                    for v in leads)
-    ours = kernels.dbild_branches_triton(ref, trainee, interp_path=False, return_fast_rows=True, **kw, **tiling)
+    ours = kernels.dbild_branches_triton(ref, trainee, tuning=tuning, return_fast_rows=True, **kw)
     if case == "fp16_ties_crowded":
         assert not ours["fast_rows"].all()
     _assert_same_branches(ours, dbild_branches_torch(ref, trainee, **kw))
@@ -431,7 +441,7 @@ def test_non_contiguous_inputs():
 def test_float64_and_wide_windows_use_the_reference():
     ref, trainee = _logits(3, 200, seed=9)
     for r, q, c in ((ref.double(), trainee.double(), 16), (ref, trainee, 200)):
-        wide = c > kt.MAX_TRITON_CANDIDATES
+        wide = c > kd.MAX_TRITON_CANDIDATES
         ctx = pytest.warns(UserWarning, match="torch reference") if wide else contextlib.nullcontext()
         with ctx:
             got = kernels.dbild_loss_triton(r, q, candidates=c)
@@ -457,8 +467,8 @@ def test_argument_errors_match_reference(shapes, kw, match):
 # ------------------------------------------------------------------------------------------ dispatch
 def test_dispatcher_uses_kernel_for_triton_and_torch_for_auto_on_cpu(monkeypatch):
     calls = []
-    original = kt.DBiLDTritonFunction.apply
-    monkeypatch.setattr(kt.DBiLDTritonFunction, "apply", lambda *a: calls.append(1) or original(*a))
+    original = kd.DBiLDTritonFunction.apply
+    monkeypatch.setattr(kd.DBiLDTritonFunction, "apply", lambda *a: calls.append(1) or original(*a))
     ref, trainee = _logits(3, 100, seed=8)
     assert kernels.triton_available()
     got = dbild_loss(ref, trainee, candidates=16, impl="triton")
@@ -467,6 +477,37 @@ def test_dispatcher_uses_kernel_for_triton_and_torch_for_auto_on_cpu(monkeypatch
     auto = dbild_loss(ref, trainee, candidates=16, impl="auto")
     assert calls == [1]  # CPU tensors: auto picks torch even though the interpreter is on
     assert torch.equal(auto, dbild_loss_torch(ref, trainee, candidates=16))
+
+
+# ------------------------------------------------------------------------------------------ tuning
+def test_default_tuning_shapes():
+    """The rules of recipe/kernels/tuning.py for bf16 / float32 rows of V = 151,936."""
+    t = DEFAULT_TUNING
+    assert t.lane_config(151936, 64, 2) == (2048, 3, 64)  # 3 keys of 2048 lanes up to C = 64
+    assert t.lane_config(151936, 128, 2) == (1024, 4, 128)
+    assert t.lane_config(151936, 64, 4) == (512, 4, 64)  # int64 keys
+    assert t.lane_config(100, 8, 2) == (128, 3, 8)  # lanes clipped to the vocabulary
+    assert t.lane_launch(2) == {"num_warps": 8, "maxnreg": 64} and t.lane_launch(4) == {"num_warps": 4, "maxnreg": 80}
+    assert t.exact_config(151936, 64) == (256, 128, 2048) and t.exact_config(300, 8) == (64, 32, 512)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        t.lanes = 1024  # a sweep builds new instances instead
+
+
+def test_tuning_rejects_bad_shapes_by_name():
+    for kw, match in ((dict(lane_depth=5), "lane_depth must be 3 or 4"), (dict(lanes=24), "lanes must be a power"),
+                      (dict(exact_maxnreg=0), "exact_maxnreg must be a positive")):
+        with pytest.raises(ValueError, match=match):
+            DBiLDTuning(**kw)
+    with pytest.raises(ValueError, match="exact_cap=64 is too small for 64 candidates"):
+        kernels.dbild_loss_triton(*_logits(2, 300), candidates=64, tuning=DBiLDTuning(exact_cap=64))
+    with pytest.raises(ValueError, match="exact_block=16 must be at least exact_cap / 2 = 32"):
+        DBiLDTuning(exact_block=16, exact_cap=64).exact_config(1000, 8)
+
+
+def test_package_and_tuning_import_without_triton():
+    code = "import sys, recipe.kernels, recipe.kernels.tuning; print(sorted(m for m in sys.modules if 'triton' in m))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 # ------------------------------------------------------------------------------------------ GPU build
@@ -480,11 +521,11 @@ def _ptxas_available() -> bool:
 def test_kernels_compile_for_sm90():
     """The real compiler (no GPU needed), which the interpreter does not exercise: bf16, C = k_max = 64,
     with the launch options the wrappers use; no spills beyond a few dozen bytes, none in the lane
-    kernel's block loop, which stays at 2 * DEPTH - 1 integer min/max and ~13 SASS instructions per
+    kernel's block loop, which stays at 2 * DEPTH - 1 integer min/max and at most 14 SASS instructions per
     logit (the loop is ALU-issue bound: see tests/perf/README.md). Also Triton's launch-time check of
     the globals the kernels read."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "recipe.kernels.compile_check", "--dtypes", "bf16", "--km", "64"],
+    out = subprocess.run([sys.executable, "tests/perf/compile_check.py", "--dtypes", "bf16", "--km", "64"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     reports = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]

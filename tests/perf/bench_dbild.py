@@ -18,18 +18,21 @@ import statistics
 import sys
 import time
 
+from recipe.kernels.tuning import DBiLDTuning
+
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def _lane_shape(text: str) -> tuple[int, int, int, int]:
-    """DEPTHxLANESxWARPSxMAXNREG, e.g. 3x2048x8x64: depth 3 or 4, lanes / warps powers of two."""
+def _lane_shape(text: str) -> DBiLDTuning:
+    """DEPTHxLANESxWARPSxMAXNREG, e.g. 3x2048x8x64, as the tuning that sets those four lane-kernel fields."""
     parts = text.lower().split("x")
     if len(parts) != 4 or not all(p.isdigit() for p in parts):
         raise argparse.ArgumentTypeError(f"{text!r}: expected DEPTHxLANESxWARPSxMAXNREG, e.g. 3x2048x8x64")
     depth, lanes, warps, maxnreg = (int(p) for p in parts)
-    if depth not in (3, 4) or lanes & (lanes - 1) or warps & (warps - 1) or not (lanes and warps and maxnreg):
-        raise argparse.ArgumentTypeError(f"{text!r}: depth must be 3 or 4, lanes and warps powers of two")
-    return depth, lanes, warps, maxnreg
+    try:
+        return DBiLDTuning(lane_depth=depth, lanes=lanes, lane_warps=warps, lane_maxnreg=maxnreg)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
 
 
 def _parse():
@@ -51,7 +54,7 @@ def _parse():
                     help="CUDA: also print the GPU time of each kernel of one triton step (torch.profiler)")
     ap.add_argument("--sweep", nargs="+", default=None, metavar="DEPTHxLANESxWARPSxMAXNREG", type=_lane_shape,
                     help="time the triton step for each lane-kernel shape, e.g. 3x2048x8x64 4x1024x8x64 "
-                         "(16-bit inputs; see LANE_TUNING in recipe/kernels/dbild_triton.py)")
+                         "(DBiLDTuning's lane_depth, lanes, lane_warps, lane_maxnreg: recipe/kernels/tuning.py)")
     return ap.parse_args()
 
 
@@ -209,22 +212,16 @@ def _print_profile(torch, fn, ref, trainee, kw, rows):
         print(prof.key_averages().table(sort_by="device_time_total", row_limit=15))
 
 
-def _sweep(torch, fn, ref, trainee, kw, shapes, warmup, repeats, res, cuda):
-    from recipe.kernels import dbild_triton as kt
-
-    saved = dict(kt.LANE_TUNING)
-    try:
-        for depth, lanes, warps, maxnreg in shapes:
-            kt.LANE_TUNING.update(depth=depth, lanes=lanes, num_warps=warps, maxnreg=maxnreg)
-            ms, _, _ = _time(torch, fn, ref, trainee, kw, warmup, repeats, cuda)
-            row = {"rows": res["rows"], "shape": f"{depth}x{lanes}x{warps}x{maxnreg}", "triton_ms": round(ms, 4),
-                   "fast_rows": _fast_row_fraction(ref, trainee, kw)}
-            if cuda:
-                row["triton_frac_of_bound"] = round(res["bound_ms"] / ms, 3)
-            print("sweep " + json.dumps(row))
-    finally:
-        kt.LANE_TUNING.clear()
-        kt.LANE_TUNING.update(saved)
+def _sweep(torch, fn, ref, trainee, kw, tunings, warmup, repeats, res, cuda):
+    for tuning in tunings:
+        tuned = dict(kw, tuning=tuning)
+        ms, _, _ = _time(torch, fn, ref, trainee, tuned, warmup, repeats, cuda)
+        shape = f"{tuning.lane_depth}x{tuning.lanes}x{tuning.lane_warps}x{tuning.lane_maxnreg}"
+        row = {"rows": res["rows"], "shape": shape, "triton_ms": round(ms, 4),
+               "fast_rows": _fast_row_fraction(ref, trainee, tuned)}
+        if cuda:
+            row["triton_frac_of_bound"] = round(res["bound_ms"] / ms, 3)
+        print("sweep " + json.dumps(row))
 
 
 def _print_table(results, cuda):

@@ -4,9 +4,24 @@
 # kernel's shapes and peaked inputs. Needs torch with CUDA and triton only. Logs go to $OUT (the device
 # tool's output folder) or tests/perf/measured/. An estimated 5 minutes on an H200 (not yet timed).
 #
+# The scripts import `recipe` as an installed package. Where the python on PATH does not import it from
+# this checkout (a bare GPU machine), this script first installs the checkout editable, without its
+# dependencies and without network: pip install --no-deps --no-build-isolation --no-index -e .
+# (setuptools >= 69 and wheel must be there already).
+#
 #     bash tests/perf/gpu_checks.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+root=$(pwd)
+# From another folder: in the repository root `import recipe` would find the source tree without an install.
+if ! found=$(cd / && python -c 'import os, recipe; print(os.path.dirname(os.path.dirname(os.path.abspath(recipe.__file__))))' \
+        2>/dev/null) || [[ "$found" != "$root" ]]; then
+  echo "installing $root into $(command -v python) (no dependencies, no network)"
+  if ! python -m pip install -q --no-deps --no-build-isolation --no-index -e .; then
+    echo "could not install the project; install it into this python first: pip install -e $root" >&2
+    exit 2
+  fi
+fi
 out=${OUT:-tests/perf/measured}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv | tee "$out/gpu.log"

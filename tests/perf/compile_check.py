@@ -2,10 +2,14 @@
 
 The CPU interpreter (TRITON_INTERPRET=1) checks what the kernels compute but not that they compile:
 this runs the real pipeline (Triton -> TTIR -> TTGIR -> LLVM -> PTX -> ptxas) with the ptxas bundled
-in the triton wheel, using the launch options the wrappers use. Run it in a process WITHOUT
-TRITON_INTERPRET (the interpreter replaces @triton.jit functions):
+in the triton wheel, using the launch options of the default tuning (recipe/kernels/tuning.py). Run it
+in a process WITHOUT TRITON_INTERPRET (the interpreter replaces @triton.jit functions), with the project
+installed (pip install -e .):
 
-    env -u TRITON_INTERPRET python -m recipe.kernels.compile_check [--dtypes bf16 fp16 fp32] [--km 64 128]
+    env -u TRITON_INTERPRET python tests/perf/compile_check.py [--dtypes bf16 fp16 fp32] [--km 64 128]
+
+One JSON line per kernel: registers, spills, shared memory and, for the lane kernel, the SASS of its
+block loop (instructions per logit and opcode counts). tests/perf/README.md records the results.
 """
 from __future__ import annotations
 
@@ -88,13 +92,19 @@ def _compile(fn, signature: dict, constexprs: dict, divisible: tuple, options: d
     return report
 
 
+def _kernels() -> tuple:
+    from recipe.kernels.pairs import _dbild_pairs_kernel, _dbild_scatter_kernel
+    from recipe.kernels.window_exact import _dbild_window_exact_kernel
+    from recipe.kernels.window_lanes import _dbild_window_kernel
+
+    return _dbild_window_kernel, _dbild_window_exact_kernel, _dbild_pairs_kernel, _dbild_scatter_kernel
+
+
 def check_globals() -> None:
     """What JITFunction.run checks at every launch (and cannot be exercised without a GPU): computing
     cache_key walks the callees and rejects conflicting globals; then every global a kernel read must
     still compare equal to itself (a NaN constexpr, for instance, never does)."""
-    from recipe.kernels import dbild_triton as m
-
-    for fn in (m._dbild_window_kernel, m._dbild_window_exact_kernel, m._dbild_pairs_kernel, m._dbild_scatter_kernel):
+    for fn in _kernels():
         _ = fn.cache_key
         for (name, _), (val, globals_dict) in fn.used_global_vals.items():
             if globals_dict.get(name) != val:
@@ -104,11 +114,14 @@ def check_globals() -> None:
 def compile_all(dtypes=("bf16",), kms=(64,), arch: int = 90) -> list[dict]:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the kernels being compiled")
-    from recipe.kernels import dbild_triton as m
+    import torch
 
+    from recipe.kernels.dbild import _INF_BITS
+    from recipe.kernels.tuning import DEFAULT_TUNING as tuning
+
+    window_kernel, exact_kernel, pairs_kernel, scatter_kernel = _kernels()
     check_globals()
     reports = []
-    import torch
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     window_sig = {"x0_ptr": "*{dt}", "x1_ptr": "*{dt}", "stride0": "i32", "stride1": "i32", "first_slot": "i32",
@@ -119,32 +132,31 @@ def compile_all(dtypes=("bf16",), kms=(64,), arch: int = 90) -> list[dict]:
     for dt in dtypes:
         itemsize = torch_dtype[dt].itemsize
         for km in kms:
-            cap, sub, block = m._exact_config(151936, km, None, None)
-            lanes, depth, groups = m._lane_config(151936, km, itemsize, None, None)
+            cap, sub, block = tuning.exact_config(151936, km)
+            lanes, depth, groups = tuning.lane_config(151936, km, itemsize)
+            lane_launch = tuning.lane_launch(itemsize)
             sig = {k: v.format(dt=dt) for k, v in window_sig.items()}
             reports.append(_compile(
-                m._dbild_window_kernel, sig,
+                window_kernel, sig,
                 {"CAP": cap, "LANES": lanes, "DEPTH": depth, "G": groups, "KM": km, "KEY64": itemsize > 2,
-                 "PACKED": itemsize == 2, "SUM_NAN": dt == "bf16", "INF_BITS": m._INF_BITS[torch_dtype[dt]],
+                 "PACKED": itemsize == 2, "SUM_NAN": dt == "bf16", "INF_BITS": _INF_BITS[torch_dtype[dt]],
                  "INTERP": False},
-                window_div, m._lane_launch(itemsize), arch,
-                loop_logits=lanes // (32 * m._lane_launch(itemsize)["num_warps"])))
+                window_div, lane_launch, arch, loop_logits=lanes // (32 * lane_launch["num_warps"])))
             reports.append(_compile(
-                m._dbild_window_exact_kernel, sig,
-                {"CAP": cap, "SUB": sub, "BLOCK": block, "KM": km, "INTERP": False},
-                window_div, {"num_warps": m._WINDOW_WARPS, "maxnreg": m._WINDOW_MAXNREG}, arch))
+                exact_kernel, sig, {"CAP": cap, "SUB": sub, "BLOCK": block, "KM": km, "INTERP": False},
+                window_div, tuning.exact_launch(), arch))
             for need_grad in (True, False):
                 reports.append(_compile(
-                    m._dbild_pairs_kernel,
+                    pairs_kernel,
                     {"ref_ptr": f"*{dt}", "trn_ptr": f"*{dt}", "stride_r": "i32", "stride_t": "i32", "idx_ptr": "*i32",
                      "k_ptr": "*i32", "loss_ptr": "*fp32", "g_ptr": "*fp32", "inv_tau": "fp32"},
                     {"KM": km, "NEED_GRAD": need_grad}, ("ref_ptr", "trn_ptr", "stride_r", "stride_t"),
-                    m._pairs_launch(km), arch))
+                    tuning.pairs_launch(km), arch))
             reports.append(_compile(
-                m._dbild_scatter_kernel,
+                scatter_kernel,
                 {"grad_ptr": f"*{dt}", "stride_g": "i32", "idx_ptr": "*i32", "k_ptr": "*i32", "g_ptr": "*fp32",
                  "grad_out_ptr": "*fp32", "inv_rows": "fp32"},
-                {"KM": km}, ("grad_ptr", "stride_g"), {"num_warps": m._scatter_warps(km)}, arch))
+                {"KM": km}, ("grad_ptr", "stride_g"), tuning.scatter_launch(km), arch))
     return reports
 
 
