@@ -1,6 +1,6 @@
 """Build the embedded demo: a small visual question answering set a tiny VLM can learn on a CPU.
 
-    python data_prep/make_demo_data.py --out DIR [--n-train 3000] [--n-eval 300] [--seed 0] [--image-size 32]
+    python data_prep/make_demo_data.py --out DIR [--n-train 3000] [--n-eval 1500] [--seed 0] [--image-size 32]
 
 Writes
   DIR/raw/{train,eval}.json + DIR/raw/images/{train,eval}/*.png   LLaVA format
@@ -16,6 +16,12 @@ Every sample has "type" (the type of its last question, the one an evaluation sc
 "round_types" (one per question); some samples ask two questions about one image.
 Train and eval use disjoint digit images and disjoint arithmetic questions, and no
 (image bytes, questions) pair of eval appears in train. Same seed, same bytes.
+
+The eval split is stratified: within each question type every answer is scored equally often (to within
+one; arithmetic: every held-out question equally often), so a student that gives one answer to every
+question of a type scores that type's chance level whichever answer it settled on. Its scenes come from
+the same generator as train's, redrawn until the scored answer is the one due. 1,500 questions by default:
+one run's binomial standard error is at most 1.3 points. The train split does not depend on --n-eval.
 """
 
 import argparse
@@ -41,6 +47,7 @@ COLORS = {
 }
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("left", "right", "top", "bottom")
+MAX_COUNT = 3  # scenes of 1..MAX_COUNT shapes or digits
 
 QUESTIONS = {
     "color": "What color is the shape?",
@@ -131,7 +138,7 @@ def placed_shape(rng, size, digits):
 
 def shapes(rng, size, digits):
     """1-3 shapes in distinct cells of a 3x3 grid."""
-    count = rng.randint(1, 3)
+    count = rng.randint(1, MAX_COUNT)
     placed = []
     for cell in rng.sample(range(9), count):
         side = rng.uniform(0.2, 0.27)
@@ -173,7 +180,7 @@ def digit_pair(rng, size, digits):
 
 def digits_scene(rng, size, digits):
     """1-3 small digits in distinct cells of a 3x3 grid."""
-    count = rng.randint(1, 3)
+    count = rng.randint(1, MAX_COUNT)
     cell = size / 3
     side = max(4, round(cell * 0.95))
     placed = []
@@ -253,22 +260,47 @@ def sample_fingerprint(image_bytes: bytes, conversations: list) -> str:
     return hashlib.sha256(image_bytes + b"\0" + questions.encode()).hexdigest()
 
 
-def build_split(split: str, n: int, seed: int, size: int, digits: list, arithmetic: list, raw_dir: str, avoid: set):
+def eval_strata(digits: list, arithmetic: list) -> dict[str, list[str]]:
+    """Per question type a sample can end with, the values the eval split balances: the answers it can have (the digits
+    of the eval pool), or for arithmetic the held-out questions themselves."""
+    labels = sorted({str(label) for _, label in digits})
+    counts = [str(n) for n in range(1, MAX_COUNT + 1)]
+    return {"color": list(COLORS), "shape": list(SHAPES), "position": list(POSITIONS), "shape_count": counts,
+            "digit_count": counts, "digit": labels, "digit_right": labels,
+            "arithmetic": [question for question, _ in arithmetic]}
+
+
+def stratum(conversations: list, types: list) -> tuple[str, str]:
+    """(scored question type, the value the eval split balances for it) of one sample."""
+    if types[-1] == "arithmetic":
+        return "arithmetic", conversations[-2]["value"]
+    return types[-1], conversations[-1]["value"]
+
+
+def build_split(split: str, n: int, seed: int, size: int, digits: list, arithmetic: list, raw_dir: str, avoid: set,
+                strata: dict | None = None):
     """Write n samples' images and return (records, fingerprints). Samples whose
-    (image, questions) fingerprint is in `avoid` are redrawn."""
+    (image, questions) fingerprint is in `avoid` are redrawn. With strata (eval_strata), so are samples whose
+    stratum has been scored more often than another of their type: each type's strata come out balanced."""
     rng = random.Random(f"{seed}-{split}")
     image_dir = os.path.join(raw_dir, "images", split)
     os.makedirs(image_dir, exist_ok=True)
     records, fingerprints = [], set()
+    counts = {kind: dict.fromkeys(values, 0) for kind, values in (strata or {}).items()}
     for i, kind in enumerate(kind_schedule(n, rng)):
         for _ in range(1000):
             conversations, types, image = make_sample(kind, rng, size, digits, arithmetic)
             data = png_bytes(image) if image is not None else b""
             fingerprint = sample_fingerprint(data, conversations)
-            if fingerprint not in avoid:
+            scored, value = stratum(conversations, types)
+            due = strata is None or counts[scored][value] == min(counts[scored].values())
+            if due and fingerprint not in avoid:
                 break
         else:
-            raise RuntimeError(f"no {kind} sample for {split} that is not in train; use a larger --image-size")
+            raise RuntimeError(f"no {kind} sample for {split} that is not in train"
+                               f"{' and scores the answer due' if strata else ''}; use a larger --image-size")
+        if strata is not None:
+            counts[scored][value] += 1
         fingerprints.add(fingerprint)
         record = {"id": f"{split}-{i:06d}"}
         if image is not None:
@@ -337,7 +369,7 @@ def tokenizer_corpus(records: list) -> list[str]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def build_demo(out: str, *, n_train: int = 3000, n_eval: int = 300, seed: int = 0, image_size: int = 32) -> dict:
+def build_demo(out: str, *, n_train: int = 3000, n_eval: int = 1500, seed: int = 0, image_size: int = 32) -> dict:
     if n_train < 1 or n_eval < 1:
         raise ValueError("--n-train and --n-eval must be >= 1")
     if image_size < 16:
@@ -349,7 +381,8 @@ def build_demo(out: str, *, n_train: int = 3000, n_eval: int = 300, seed: int = 
         "train", n_train, seed, image_size, train_digits, train_arithmetic, raw_dir, avoid=set()
     )
     eval_records, eval_fingerprints = build_split(
-        "eval", n_eval, seed, image_size, eval_digits, eval_arithmetic, raw_dir, avoid=train_fingerprints
+        "eval", n_eval, seed, image_size, eval_digits, eval_arithmetic, raw_dir, avoid=train_fingerprints,
+        strata=eval_strata(eval_digits, eval_arithmetic),
     )
     assert not train_fingerprints & eval_fingerprints
     image_root = os.path.join(raw_dir, "images")
@@ -363,7 +396,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--n-train", type=int, default=3000)
-    parser.add_argument("--n-eval", type=int, default=300)
+    parser.add_argument("--n-eval", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=32)
     args = parser.parse_args(argv)

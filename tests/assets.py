@@ -2,6 +2,7 @@
 recipe.models.tiny, both loaded back through the user-facing code paths."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -26,6 +27,15 @@ def run_module(args: list[str], env: dict | None = None, timeout: int = 600,
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
+
+
+def load_demo_module():
+    """data_prep/make_demo_data.py as a module (a script, not part of the package)."""
+    path = os.path.join(REPO, "data_prep", "make_demo_data.py")
+    spec = importlib.util.spec_from_file_location("make_demo_data", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def build_demo_assets(root: str, n_train: int = 96, n_eval: int = 24) -> dict:

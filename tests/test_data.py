@@ -4,7 +4,6 @@ Everything runs on real files written here (images in several modes, broken file
 the real demo data and tokenizer built by data_prep/make_demo_data.py.
 """
 
-import importlib.util
 import json
 import os
 import pickle
@@ -15,6 +14,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from assets import load_demo_module
 from PIL import Image
 
 from recipe.data import (
@@ -377,14 +377,6 @@ def test_sampler_checks_its_state():
 
 # ---------------------------------------------------------------------------------------------------
 # Demo data and its tokenizer
-
-
-def load_demo_module():
-    path = os.path.join(REPO, "data_prep", "make_demo_data.py")
-    spec = importlib.util.spec_from_file_location("make_demo_data", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
