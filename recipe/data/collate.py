@@ -32,7 +32,6 @@ class FixedCountImages:
     token and one image processor output (the same protocol as recipe.models.ImageInputs)."""
 
     message_format = "text"
-    keys = ("pixel_values",)
 
     def __init__(self, image_processor, image_token: str, num_image_tokens: int):
         if num_image_tokens is None or num_image_tokens < 1:
@@ -45,10 +44,6 @@ class FixedCountImages:
 
     def collate(self, parts: list[dict]) -> dict:
         return {"pixel_values": torch.cat([p["pixel_values"] for p in parts])}
-
-
-def _image_keys(images) -> tuple[str, ...]:
-    return images.keys if isinstance(images, FixedCountImages) else images.family.image_keys
 
 
 def _message_format(images) -> str:

@@ -73,6 +73,10 @@ class Family:
         """Position ids for L when the family computes its own (Qwen's M-RoPE); None: L's default."""
         return None
 
+    def generation_inputs(self, vlm, input_ids) -> dict:
+        """What generate needs beside the image tensors (Qwen's mm_token_type_ids for M-RoPE)."""
+        return {}
+
     def stand_in_images(self, vlm) -> dict:
         """Image tensors of one black image, built from the config alone (see switch.stand_in_images)."""
         raise NotImplementedError

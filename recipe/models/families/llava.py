@@ -75,8 +75,8 @@ class Llava(Family):
         config = LlavaConfig(vision_config=vision, text_config=Qwen2Config(**text),
                              image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                              vision_feature_select_strategy="full", vision_feature_layer=-1,
-                             projector_hidden_act="gelu", image_seq_length=(vision.image_size // vision.patch_size) ** 2,
-                             pad_token_id=tokenizer.pad_token_id)
+                             projector_hidden_act="gelu", pad_token_id=tokenizer.pad_token_id,
+                             image_seq_length=(vision.image_size // vision.patch_size) ** 2)
         size = vision.image_size
         # The demo tokenizer's ChatML, taking multimodal messages too (plain strings render as before).
         return TinyPreset(config=config, image_processor=SiglipImageProcessor(size={"height": size, "width": size}),

@@ -117,7 +117,8 @@ class LlavaOnevision(Family):
                                       image_grid_pinpoints=PINPOINTS, vision_feature_layer=-1,
                                       vision_feature_select_strategy="full")
         # A 32x32 base tile plus an anyres grid of up to 2x2 tiles.
-        image_processor = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=PINPOINTS)
+        image_processor = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32},
+                                                          image_grid_pinpoints=PINPOINTS)
         return TinyPreset(config=config, image_processor=image_processor, processor_class="LlavaOnevisionProcessor",
                           processor_kwargs={"num_image_tokens": image_token_count(config),
                                             "vision_feature_select_strategy": "full",

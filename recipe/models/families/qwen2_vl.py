@@ -68,6 +68,9 @@ class Qwen2VL(Family):
                                                 image_grid_thw=images["image_grid_thw"], attention_mask=attention_mask)
         return positions
 
+    def generation_inputs(self, vlm, input_ids):
+        return {"mm_token_type_ids": (input_ids == vlm.config.image_token_id).int()}
+
     def stand_in_images(self, vlm):
         vision = vlm.config.vision_config
         merge = vision.spatial_merge_size
@@ -99,8 +102,9 @@ class Qwen2VL(Family):
         config = config_class(text_config=text, vision_config=vision, **ids)
         # Pixel bounds: 32x32 to 64x64 pixels, i.e. 4 to 16 image tokens per image.
         unit = PATCH * MERGE
-        image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 4 * unit ** 2, "longest_edge": 16 * unit ** 2},
-                                                patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2)
+        image_processor = Qwen2VLImageProcessorPil(
+            size={"shortest_edge": 4 * unit ** 2, "longest_edge": 16 * unit ** 2}, patch_size=PATCH,
+            merge_size=MERGE, temporal_patch_size=2)
         return TinyPreset(config=config, image_processor=image_processor,
                           processor_class="Qwen2VLProcessor" if model_type == "qwen2_vl" else "Qwen2_5_VLProcessor",
                           processor_kwargs={}, chat_template=CHAT_TEMPLATE, end_of_turn="<|im_end|>")

@@ -1,0 +1,135 @@
+"""Switch-KD on every model family (recipe/models/families), on tiny real checkpoints written by
+`python -m recipe.models.tiny`: the passes against each model's own forward, gradient routing, images of
+different sizes, the pair check across and inside families, the shared-vocabulary slice, training on
+DeepSpeed and the export."""
+import copy
+import os
+
+import pytest
+import torch
+from assets import run_module
+from PIL import Image
+
+from recipe.config import LossConfig
+from recipe.data import Collator, ShardDataset
+from recipe.models import (
+    SwitchKDModel,
+    family_of,
+    load_chat_template,
+    load_image_inputs,
+    load_tokenizer,
+    load_vlm,
+    run_passes,
+    supervised_positions,
+)
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "llava_onevision"]
+IMAGE_SIZES = [(32, 32), (48, 24), (20, 44), (64, 64)]  # (width, height): every family sees several token counts
+
+
+def write_preset(root, model_type, role, tokenizer, seed):
+    out = os.path.join(root, f"{model_type}-{role}")
+    if not os.path.isfile(os.path.join(out, "config.json")):
+        run_module(["-m", "recipe.models.tiny", "--preset", f"{model_type}-{role}", "--tokenizer", tokenizer,
+                    "--out", out, "--seed", str(seed)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory, demo_assets):
+    """{model_type: {"teacher": dir, "student": dir}}: the tiny presets of every family."""
+    root = str(tmp_path_factory.mktemp("families"))
+    return {model_type: {role: write_preset(root, model_type, role, demo_assets["tokenizer"], seed)
+                         for role, seed in (("teacher", 0), ("student", 1))} for model_type in FAMILIES}
+
+
+def collator_for(student_dir, max_length=400, teacher_dir=None):
+    tokenizer = load_tokenizer(student_dir)
+    teacher_images = load_image_inputs(teacher_dir, tokenizer=tokenizer) if teacher_dir else None
+    return Collator(tokenizer, images=load_image_inputs(student_dir, tokenizer=tokenizer), max_length=max_length,
+                    chat_template=load_chat_template(student_dir), teacher_images=teacher_images)
+
+
+def sized_items(demo_assets):
+    """Image samples at IMAGE_SIZES and text-only samples, interleaved (real demo samples, images resized)."""
+    dataset = ShardDataset(demo_assets["train"])
+    image_items = [dataset[i] for i in range(len(dataset)) if dataset.meta(i).get("image")][:len(IMAGE_SIZES)]
+    text_items = [dataset[i] for i in range(len(dataset)) if not dataset.meta(i).get("image")][:2]
+    for item, size in zip(image_items, IMAGE_SIZES):
+        item["image"] = item["image"].resize(size, Image.Resampling.BICUBIC)
+    return [image_items[0], text_items[0], image_items[1], image_items[2], text_items[1], image_items[3]]
+
+
+def hf_inputs(model, batch):
+    """The batch as the model's own forward takes it."""
+    family = family_of(model)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              **{key: batch[key] for key in family.image_keys}}
+    if model.config.model_type in ("qwen2_vl", "qwen2_5_vl"):  # the processor's output for M-RoPE
+        inputs["mm_token_type_ids"] = (batch["input_ids"] == model.config.image_token_id).int()
+    return inputs
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_case(request, family_dirs, demo_assets):
+    dirs = family_dirs[request.param]
+    torch.manual_seed(0)
+    student, teacher = load_vlm(dirs["student"]), load_vlm(dirs["teacher"])
+    batch = collator_for(dirs["student"])(sized_items(demo_assets))
+    return {"model_type": request.param, "dirs": dirs, "student": student, "teacher": teacher, "batch": batch}
+
+
+def test_images_of_every_size_and_text_only_samples_share_a_batch(family_case):
+    batch, student = family_case["batch"], family_case["student"]
+    assert batch["has_image"].tolist() == [True, False, True, True, False, True]
+    image_id = student.config.image_token_id
+    counts = (batch["input_ids"] == image_id).sum(1).tolist()
+    assert counts[1] == counts[4] == 0
+    image_counts = [counts[i] for i in (0, 2, 3, 5)]
+    assert len(set(image_counts)) > 1, f"{family_case['model_type']}: one token count for every size {image_counts}"
+    # The model's own vision path gives exactly one embedding per image token, image by image.
+    images = {key: batch[key] for key in family_of(student).image_keys}
+    with torch.no_grad():
+        embeds = family_of(student).encode_images(student, images).embeds
+    assert embeds.shape[0] == sum(image_counts)
+
+
+def test_teacher_pass_matches_the_models_own_forward(family_case):
+    student, teacher, batch = family_case["student"], family_case["teacher"], family_case["batch"]
+    passes = run_passes(student, teacher, batch)
+    sample, position, targets = supervised_positions(batch["labels"])
+    with torch.no_grad():
+        full = teacher(**hf_inputs(teacher, batch)).logits
+        student_full = student(**hf_inputs(student, batch)).logits
+    assert passes.teacher_logits().shape[0] == sample.shape[0] > 0
+    torch.testing.assert_close(passes.teacher_logits(), full[sample, position], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(passes.student_logits().detach(), student_full[sample, position], atol=1e-4,
+                               rtol=1e-4)
+    assert torch.equal(passes.targets, targets)
+
+
+def test_switch_pass_equals_teacher_pass_when_the_student_has_the_teachers_vision_encoder(family_case):
+    student, teacher, batch = copy.deepcopy(family_case["student"]), family_case["teacher"], family_case["batch"]
+    family = family_of(student)
+    with torch.no_grad():
+        for mine, theirs in zip(family.parts(student)["vision"], family.parts(teacher)["vision"], strict=True):
+            mine.copy_(theirs)
+    passes = run_passes(student, teacher, batch)
+    assert passes.switch_logits().shape[0] == int(passes.switch_rows.sum()) > 0
+    torch.testing.assert_close(passes.switch_logits(), passes.teacher_logits()[passes.switch_rows], atol=1e-5,
+                               rtol=1e-5)
+    other = run_passes(family_case["student"], teacher, batch)  # the student's own E_S changes the teacher's output
+    assert not torch.allclose(other.switch_logits(), other.teacher_logits()[other.switch_rows], atol=1e-3)
+
+
+def test_vsd_alone_moves_only_the_student_vision_encoder(family_case):
+    student, teacher = copy.deepcopy(family_case["student"]), copy.deepcopy(family_case["teacher"])
+    model = SwitchKDModel(student, teacher, LossConfig(candidates=16, impl="torch", ce_weight=0.0,
+                                                       align_weight=0.0, vsd_weight=1.0))
+    out = model(family_case["batch"])
+    out["loss"].backward()
+    grads = {name: sum(float(p.grad.abs().sum()) for p in params if p.grad is not None)
+             for name, params in family_of(student).parts(student).items()}
+    assert out["vsd"] > 0 and grads["vision"] > 0
+    assert grads["projector"] == 0 and grads["language"] == 0
+    assert all(p.grad is None for p in teacher.parameters())
