@@ -3,35 +3,42 @@
 different sizes, the pair check across and inside families, the shared-vocabulary slice, training on
 DeepSpeed and the export."""
 import copy
+import json
 import os
+import shutil
 
 import pytest
 import torch
 from assets import run_module
 from PIL import Image
+from transformers import AutoConfig, AutoModelForImageTextToText
 
 from recipe.config import LossConfig
-from recipe.data import Collator, ShardDataset
+from recipe.data import Collator, ShardDataset, encode_prompt
 from recipe.models import (
+    IncompatiblePair,
     SwitchKDModel,
+    check_pair,
     family_of,
     load_chat_template,
     load_image_inputs,
+    load_image_processor,
     load_tokenizer,
     load_vlm,
     run_passes,
     supervised_positions,
 )
+from recipe.models.tiny import write_tiny_vlm
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "llava_onevision"]
 IMAGE_SIZES = [(32, 32), (48, 24), (20, 44), (64, 64)]  # (width, height): every family sees several token counts
 
 
 def write_preset(root, model_type, role, tokenizer, seed):
+    """The preset, as `python -m recipe.models.tiny --preset {model_type}-{role}` writes it (in-process: faster)."""
     out = os.path.join(root, f"{model_type}-{role}")
     if not os.path.isfile(os.path.join(out, "config.json")):
-        run_module(["-m", "recipe.models.tiny", "--preset", f"{model_type}-{role}", "--tokenizer", tokenizer,
-                    "--out", out, "--seed", str(seed)])
+        write_tiny_vlm(f"{model_type}-{role}", tokenizer, out, seed)
     return out
 
 
@@ -133,3 +140,83 @@ def test_vsd_alone_moves_only_the_student_vision_encoder(family_case):
     assert out["vsd"] > 0 and grads["vision"] > 0
     assert grads["projector"] == 0 and grads["language"] == 0
     assert all(p.grad is None for p in teacher.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pair check and the shared vocabulary
+
+
+def test_a_cross_family_pair_stops_naming_both_families(family_dirs):
+    configs = {t: AutoConfig.from_pretrained(family_dirs[t]["student"]) for t in FAMILIES}
+    with pytest.raises(IncompatiblePair, match=r"model family: teacher qwen2_5_vl \(Qwen2-VL / Qwen2.5-VL\) vs "
+                                               r"student internvl \(InternVL\)"):
+        check_pair(configs["qwen2_5_vl"], configs["internvl"])
+    # Qwen2-VL and Qwen2.5-VL share an adapter but not their vision encoders (window attention, merger).
+    with pytest.raises(IncompatiblePair, match="model family: teacher qwen2_vl .* vs student qwen2_5_vl"):
+        check_pair(configs["qwen2_vl"], configs["qwen2_5_vl"])
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_each_family_pair_passes_and_a_token_count_mismatch_is_named_with_both_values(family_dirs, model_type):
+    dirs = family_dirs[model_type]
+    teacher_cfg, student_cfg = (AutoConfig.from_pretrained(dirs[r]) for r in ("teacher", "student"))
+    tokenizers = [load_tokenizer(dirs[r]) for r in ("teacher", "student")]
+    processors = [load_image_processor(dirs[r]) for r in ("teacher", "student")]
+    pair = check_pair(teacher_cfg, student_cfg, *tokenizers, *processors)
+    assert pair.shared_vocab == student_cfg.text_config.vocab_size and pair.notes == []
+
+    wider = copy.deepcopy(student_cfg)
+    width_key = {"qwen2_vl": "embed_dim"}.get(model_type, "hidden_size")
+    setattr(wider.vision_config, width_key, 48)
+    with pytest.raises(IncompatiblePair, match=r"vision feature width .*: teacher \d+ vs student \d+"):
+        check_pair(teacher_cfg, wider, *tokenizers, *processors)
+    # The image processors fix each image's token count: other bounds or tiles stop the pair, naming both.
+    other = copy.deepcopy(processors[1])
+    changed = {"qwen2_vl": ("size", {"shortest_edge": 256, "longest_edge": 4096}),
+               "qwen2_5_vl": ("size", {"shortest_edge": 256, "longest_edge": 4096}),
+               "internvl": ("max_patches", 6), "idefics3": ("max_image_size", {"longest_edge": 16}),
+               "llava_onevision": ("image_grid_pinpoints", [[32, 32]])}[model_type]
+    setattr(other, *changed)
+    with pytest.raises(IncompatiblePair, match=r"- image processor [^:]*: teacher .+ vs student .+") as stopped:
+        check_pair(teacher_cfg, student_cfg, *tokenizers, processors[0], other)
+    assert str(stopped.value).count("\n  - ") == 1  # that one mismatch, nothing else
+
+
+@pytest.fixture(scope="module")
+def padded_teacher(tmp_path_factory, family_dirs):
+    """The qwen2_5_vl teacher with 8 padding rows in its embedding and LM head (as Qwen2.5-7B has against 3B)."""
+    source = family_dirs["qwen2_5_vl"]["teacher"]
+    out = str(tmp_path_factory.mktemp("padded") / "teacher")
+    teacher = load_vlm(source)
+    teacher.resize_token_embeddings(teacher.config.text_config.vocab_size + 8)
+    teacher.save_pretrained(out)
+    for name in os.listdir(source):
+        if not name.startswith(("model", "config")):
+            shutil.copy(os.path.join(source, name), os.path.join(out, name))
+    return out
+
+
+def test_a_teacher_with_padding_rows_is_compared_over_the_shared_range_exactly(family_dirs, padded_teacher,
+                                                                               demo_assets):
+    from recipe.losses.divergence import divergence
+
+    student_dir = family_dirs["qwen2_5_vl"]["student"]
+    teacher_cfg, student_cfg = AutoConfig.from_pretrained(padded_teacher), AutoConfig.from_pretrained(student_dir)
+    vocab = student_cfg.text_config.vocab_size
+    assert teacher_cfg.text_config.vocab_size == vocab + 8
+    pair = check_pair(teacher_cfg, student_cfg, load_tokenizer(padded_teacher), load_tokenizer(student_dir))
+    assert pair.shared_vocab == vocab
+    assert any(f"the losses compare the first {vocab} ids" in note for note in pair.notes), pair.notes
+
+    student, teacher = load_vlm(student_dir), load_vlm(padded_teacher)
+    batch = collator_for(student_dir)(sized_items(demo_assets))
+    cfg = LossConfig(candidates=16, impl="torch")
+    out = SwitchKDModel(student, teacher, cfg, shared_vocab=pair.shared_vocab)(batch)
+    passes = run_passes(student, teacher, batch)
+    teacher_logits = passes.teacher_logits()
+    assert teacher_logits.shape[1] == vocab + 8
+    sliced = teacher_logits[:, :vocab]
+    assert torch.equal(out["align"], divergence(sliced, passes.student_logits(), cfg).detach())
+    assert torch.equal(out["vsd"], divergence(sliced[passes.switch_rows], passes.switch_logits(), cfg).detach())
+    with pytest.raises(ValueError, match="of one shape"):  # unsliced, the two tables cannot be compared at all
+        SwitchKDModel(student, teacher, cfg)(batch)
