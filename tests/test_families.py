@@ -220,3 +220,127 @@ def test_a_teacher_with_padding_rows_is_compared_over_the_shared_range_exactly(f
     assert torch.equal(out["vsd"], divergence(sliced[passes.switch_rows], passes.switch_logits()[:, :vocab], cfg).detach())
     with pytest.raises(ValueError, match="of one shape"):  # unsliced, the two tables cannot be compared at all
         SwitchKDModel(student, teacher, cfg)(batch)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training on DeepSpeed, the export and evaluation
+
+DEFAULT_TRAINED = "qwen2_5_vl"  # the other families train under -m extended (each run pair takes ~1 minute)
+
+
+def answer_through_the_hf_path(final: str, image) -> torch.Tensor:
+    """What a new user does with an export: the processor's chat template on HF's multimodal messages, the
+    processor, generate. Where transformers can build the family's processor (without torchvision it builds
+    LLaVA's only: the others' video processors, and Idefics3's image processor lookup, need it), that is
+    AutoProcessor; elsewhere the recipe's own processing of the same checkpoint files stands in for it."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is it?"}]}]
+    model = AutoModelForImageTextToText.from_pretrained(final)
+    try:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(final)
+    except (ImportError, ValueError) as missing:  # transformers names torchvision in both
+        if "torchvision" not in str(missing).lower():
+            raise
+        processor = None
+    if processor is not None:
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = processor(text=[prompt], images=[image], return_tensors="pt")
+    else:
+        tokenizer = load_tokenizer(final)
+        prompt = tokenizer.apply_chat_template(messages, chat_template=load_chat_template(final), tokenize=False,
+                                               add_generation_prompt=True)
+        images = load_image_inputs(final, tokenizer=tokenizer)
+        text, tensors = images(image)
+        assert prompt.count(images.image_token) == 1
+        ids = tokenizer(prompt.replace(images.image_token, text), return_tensors="pt", add_special_tokens=False)
+        inputs = {**ids, **tensors, **family_of(model).generation_inputs(model, ids["input_ids"])}
+    generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] > inputs["input_ids"].shape[1]
+    return generated
+
+
+def train_family(tmp_path, demo_assets, teacher, student, name, **overrides):
+    from test_train import read_metrics, run_training, write_config
+
+    config, out = write_config(tmp_path, demo_assets, name, max_steps=3, save_every=3, micro_batch_size=4,
+                               grad_accum=1, **{"student.path": student, "teacher.path": teacher, **overrides})
+    log = run_training(config)
+    return out, read_metrics(out), log.stdout + log.stderr
+
+
+def check_zero2_and_zero3_and_the_export(tmp_path, demo_assets, teacher, student):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    zero2, zero2_metrics, log = train_family(tmp_path, demo_assets, teacher, student, "zero2")
+    zero3, zero3_metrics, _ = train_family(tmp_path, demo_assets, teacher, student, "zero3", zero_stage=3)
+    assert [r["step"] for r in zero2_metrics] == [1, 2, 3]
+    for a, b in zip(zero2_metrics, zero3_metrics, strict=True):
+        assert a["align"] > 0 and a["vsd"] > 0
+        for key in ("loss", "ce", "align", "vsd", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), (a["step"], key)
+    # DeepSpeed's own zero_to_fp32 rebuilds, from the ZeRO-3 checkpoint, exactly the exported student.
+    final = os.path.join(zero3, "final")
+    rebuilt = get_fp32_state_dict_from_zero_checkpoint(os.path.join(zero3, "checkpoints"), tag="step00000003")
+    exported = load_file(os.path.join(final, "model.safetensors"))
+    rebuilt = {key.removeprefix("student."): value for key, value in rebuilt.items()}
+    assert rebuilt.keys() == exported.keys()
+    assert all(torch.equal(rebuilt[key], exported[key]) for key in exported)
+    answer_through_the_hf_path(final, Image.new("RGB", (40, 28), (200, 40, 40)))
+    return zero3, log
+
+
+@pytest.mark.slow
+def test_qwen2_5_vl_trains_on_zero2_and_zero3_alike_with_a_padded_teacher_and_exports(tmp_path, demo_assets,
+                                                                                      family_dirs, padded_teacher):
+    student = family_dirs[DEFAULT_TRAINED]["student"]
+    zero3, log = check_zero2_and_zero3_and_the_export(tmp_path, demo_assets, padded_teacher, student)
+    vocab = AutoConfig.from_pretrained(student).text_config.vocab_size
+    assert f"the losses compare the first {vocab} ids" in log  # said at start-up
+    # python -m recipe.evaluate runs on the exported student of this family.
+    report = str(tmp_path / "eval.json")
+    run_module(["-m", "recipe.evaluate", "--model", os.path.join(zero3, "final"), "--data", demo_assets["eval"],
+                "--max-samples", "6", "--batch-size", "3", "--max-new-tokens", "3", "--out", report])
+    with open(report) as f:
+        result = json.load(f)
+    assert result["n"] == 6 and len(result["samples"]) == 6 and all("prediction" in s for s in result["samples"])
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+@pytest.mark.parametrize("model_type", [t for t in FAMILIES if t != DEFAULT_TRAINED])
+def test_every_other_family_trains_on_zero2_and_zero3_alike_and_exports(tmp_path, demo_assets, family_dirs,
+                                                                       model_type):
+    dirs = family_dirs[model_type]
+    check_zero2_and_zero3_and_the_export(tmp_path, demo_assets, dirs["teacher"], dirs["student"])
+
+
+def test_the_preset_command_writes_checkpoints_the_auto_classes_load(tmp_path, demo_assets, family_dirs):
+    out = str(tmp_path / "cli-preset")
+    proc = run_module(["-m", "recipe.models.tiny", "--preset", "internvl-student", "--tokenizer",
+                       demo_assets["tokenizer"], "--out", out])
+    assert "wrote internvl-student" in proc.stdout
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    assert type(model).__name__ == "InternVLForConditionalGeneration"
+    assert load_chat_template(out) == load_chat_template(family_dirs["internvl"]["student"])
+    for model_type in FAMILIES:
+        answer_through_the_hf_path(family_dirs[model_type]["student"], Image.new("RGB", (36, 52), (20, 200, 20)))
+
+
+def test_evaluation_prompts_are_the_training_prefix_on_every_family(family_dirs, demo_assets):
+    """encode_prompt (evaluation) with the family's image expansion is, token for token, the start of what the
+    collator trains on."""
+    item = next(i for i in sized_items(demo_assets) if i["image"] is not None)
+    for model_type in FAMILIES:
+        student_dir = family_dirs[model_type]["student"]
+        collate = collator_for(student_dir)
+        batch = collate([item])
+        tokenizer, images = collate.tokenizer, collate.images
+        text, _ = images(item["image"])
+        prompt = encode_prompt(item["conversations"], tokenizer, image_token=images.image_token,
+                               image_ids=[tokenizer(text, add_special_tokens=False)["input_ids"]],
+                               message_format="multimodal", chat_template=load_chat_template(student_dir))
+        n = len(prompt["input_ids"])
+        assert torch.equal(batch["input_ids"][0, :n], prompt["input_ids"]), model_type
+        assert (batch["labels"][0, :n] == -100).all() and (batch["labels"][0, n:] != -100).any()

@@ -90,15 +90,15 @@ def save_processor(spec, tokenizer, out_dir: str) -> None:
     """The family's processor, with save_pretrained. Processors that hold a video processor (Qwen2-VL,
     InternVL, LLaVA-OneVision, SmolVLM) cannot be built without torchvision; then the same processor_config.json
     is written directly (the image processor's settings, the processor's class and settings; the chat template
-    is the tokenizer's chat_template.jinja), from which AutoProcessor builds the processor where torchvision is
-    installed, deriving its video processor from the image processor."""
+    is the tokenizer's chat_template.jinja; the video processor's class and settings), from which AutoProcessor
+    builds the processor where torchvision is installed."""
     try:
         processor = getattr(transformers, spec.processor_class)(
             image_processor=spec.image_processor, tokenizer=tokenizer, chat_template=spec.chat_template,
             **spec.processor_kwargs)
     except (ImportError, TypeError):  # TypeError: the video processor is missing
         config = {"image_processor": spec.image_processor.to_dict(), "processor_class": spec.processor_class,
-                  **spec.processor_kwargs}
+                  "video_processor": spec.video_processor, **spec.processor_kwargs}
         with open(os.path.join(out_dir, "processor_config.json"), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
         return

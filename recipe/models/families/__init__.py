@@ -38,6 +38,7 @@ class TinyPreset:
     processor_kwargs: dict  # that processor's other settings (written to processor_config.json)
     chat_template: str  # the family's chat template format; takes plain-string and multimodal content
     end_of_turn: str  # the token generation stops at
+    video_processor: dict | None = None  # the processor's video processor settings, for processors that have one
 
 
 class Family:

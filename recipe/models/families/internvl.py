@@ -81,7 +81,8 @@ class InternVL(Family):
                                                 min_patches=1, max_patches=4)
         return TinyPreset(config=config, image_processor=image_processor, processor_class="InternVLProcessor",
                           processor_kwargs={"image_seq_length": config.image_seq_length}, chat_template=CHAT_TEMPLATE,
-                          end_of_turn="<|im_end|>")
+                          end_of_turn="<|im_end|>", video_processor={"video_processor_type": "InternVLVideoProcessor",
+                                                                     "size": {"height": 32, "width": 32}})
 
     def vision_settings(self, config, image_processor=None):
         vision = config.vision_config

@@ -123,7 +123,9 @@ class LlavaOnevision(Family):
                           processor_kwargs={"num_image_tokens": image_token_count(config),
                                             "vision_feature_select_strategy": "full",
                                             "vision_aspect_ratio": config.vision_aspect_ratio},
-                          chat_template=CHAT_TEMPLATE, end_of_turn="<|im_end|>")
+                          chat_template=CHAT_TEMPLATE, end_of_turn="<|im_end|>",
+                          video_processor={"video_processor_type": "LlavaOnevisionVideoProcessor",
+                                           "size": {"height": 32, "width": 32}})
 
     def vision_settings(self, config, image_processor=None):
         vision = config.vision_config

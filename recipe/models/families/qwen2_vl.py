@@ -107,7 +107,10 @@ class Qwen2VL(Family):
             merge_size=MERGE, temporal_patch_size=2)
         return TinyPreset(config=config, image_processor=image_processor,
                           processor_class="Qwen2VLProcessor" if model_type == "qwen2_vl" else "Qwen2_5_VLProcessor",
-                          processor_kwargs={}, chat_template=CHAT_TEMPLATE, end_of_turn="<|im_end|>")
+                          processor_kwargs={}, chat_template=CHAT_TEMPLATE, end_of_turn="<|im_end|>",
+                          video_processor={"video_processor_type": "Qwen2VLVideoProcessor", "patch_size": PATCH,
+                                           "merge_size": MERGE, "temporal_patch_size": 2,
+                                           "size": dict(image_processor.size)})
 
     def vision_settings(self, config, image_processor=None):
         vision = config.vision_config
