@@ -88,9 +88,6 @@ def build_models(cfg, precision):
         shared_vocab = pair.shared_vocab if pair.shared_vocab < max(sizes) else None
     student = load_vlm(cfg.student.path, precision=precision, attention=cfg.attention)
     family = family_of(student)
-    for model in (student, teacher):
-        if model is not None:
-            family.check_loaded(model)
     if not cfg.train_vision_tower:
         for parameter in family.parts(student)["vision"]:
             parameter.requires_grad_(False)

@@ -112,10 +112,6 @@ class Family:
         same for every role (the switch pass needs equal widths and token counts), except vision_layers."""
         raise NotImplementedError
 
-    def check_loaded(self, vlm) -> None:
-        """Raise ValueError when a loaded model cannot run the passes (e.g. a partitioning that hides a parameter
-        used outside a module's forward)."""
-
 
 @dataclass
 class ImageInputs:

@@ -78,18 +78,15 @@ class LlavaOnevision(Family):
     def project(self, vlm, features, images):
         projected = vlm.model.multi_modal_projector(features)
         per_image = torch.split(projected, tiles_per_image(vlm.config, images["image_sizes"]))
-        packed, _ = vlm.model.pack_image_features(per_image, images["image_sizes"],
-                                                  image_newline=vlm.model.image_newline,
-                                                  vision_aspect_ratio=vlm.config.vision_aspect_ratio)
-        return torch.cat(packed)
-
-    def check_loaded(self, vlm):
         newline = vlm.model.image_newline
-        if hasattr(newline, "ds_id") and not getattr(newline, "ds_persist", False):
+        if newline.numel() == 0:  # a ZeRO-3 partition: only a module's forward would gather it
             raise ValueError(f"ZeRO-3 partitioned LLaVA-OneVision's image_newline ({newline.ds_numel} values), which "
                              "the packing reads outside a module's forward: keep zero_optimization."
                              "stage3_param_persistence_threshold at or above the text hidden size (the default 1e5 "
                              "does)")
+        packed, _ = vlm.model.pack_image_features(per_image, images["image_sizes"], image_newline=newline,
+                                                  vision_aspect_ratio=vlm.config.vision_aspect_ratio)
+        return torch.cat(packed)
 
     def stand_in_images(self, vlm):
         size = vlm.config.vision_config.image_size
