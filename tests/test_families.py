@@ -217,7 +217,8 @@ def test_a_teacher_with_padding_rows_is_compared_over_the_shared_range_exactly(f
     assert teacher_logits.shape[1] == vocab + 8
     sliced = teacher_logits[:, :vocab]
     assert torch.equal(out["align"], divergence(sliced, passes.student_logits(), cfg).detach())
-    assert torch.equal(out["vsd"], divergence(sliced[passes.switch_rows], passes.switch_logits()[:, :vocab], cfg).detach())
+    switch = passes.switch_logits()[:, :vocab]
+    assert torch.equal(out["vsd"], divergence(sliced[passes.switch_rows], switch, cfg).detach())
     with pytest.raises(ValueError, match="of one shape"):  # unsliced, the two tables cannot be compared at all
         SwitchKDModel(student, teacher, cfg)(batch)
 

@@ -85,6 +85,9 @@ class Collator:
         self.message_format = _message_format(images)
         # The data's tag: the image token itself for text messages, "<image>" for multimodal ones.
         self.image_tag = self.image_token if self.message_format == "text" else IMAGE_TAG
+        if self.message_format == "multimodal" and template == "chatml":
+            raise ValueError("data.template: chatml renders text messages only, and this model family's turns are "
+                             "multimodal messages: use auto (the processor's chat template) or tokenizer")
         self.max_length, self.template, self.pad_to_multiple_of = max_length, template, pad_to_multiple_of
         self.chat_template = chat_template
         self._empty = {}  # id(images) -> its tensors for no image, for batches without images
