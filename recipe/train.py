@@ -62,7 +62,6 @@ def build_models(cfg, precision):
         check_pair,
         enable_switch_checkpointing,
         family_of,
-        load_image_processor,
         load_tokenizer,
         load_vlm,
     )
@@ -78,7 +77,7 @@ def build_models(cfg, precision):
         # Checked on configs, tokenizers and image processors before any weights are loaded.
         teacher_config, student_config = (AutoConfig.from_pretrained(p) for p in (cfg.teacher.path, cfg.student.path))
         pair = check_pair(teacher_config, student_config, load_tokenizer(cfg.teacher.path), tokenizer,
-                          load_image_processor(cfg.teacher.path), load_image_processor(cfg.student.path))
+                          _image_processor_or_none(cfg.teacher.path), _image_processor_or_none(cfg.student.path))
         if rank() == 0:
             for note in pair.notes:
                 print(f"[train] pair check: {note}", flush=True)
@@ -96,6 +95,17 @@ def build_models(cfg, precision):
         if teacher is not None:
             enable_switch_checkpointing(family.language_model(teacher))
     return student, teacher, tokenizer, shared_vocab
+
+
+def _image_processor_or_none(path: str):
+    """For the pair check, which compares image processors only when both load: a missing one is reported by
+    build_data, after the pair check has named every mismatch of the configs."""
+    from recipe.models import load_image_processor
+
+    try:
+        return load_image_processor(path)
+    except FileNotFoundError:
+        return None
 
 
 def build_data(cfg, student, tokenizer):

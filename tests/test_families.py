@@ -347,3 +347,13 @@ def test_evaluation_prompts_are_the_training_prefix_on_every_family(family_dirs,
         n = len(prompt["input_ids"])
         assert torch.equal(batch["input_ids"][0, :n], prompt["input_ids"]), model_type
         assert (batch["labels"][0, :n] == -100).all() and (batch["labels"][0, n:] != -100).any()
+
+
+def test_training_a_cross_family_pair_stops_before_training(tmp_path, demo_assets, family_dirs):
+    from test_train import run_expecting_failure, write_config
+
+    config, out = write_config(tmp_path, demo_assets, "cross", **{
+        "student.path": family_dirs["qwen2_5_vl"]["student"], "teacher.path": family_dirs["internvl"]["teacher"]})
+    err = run_expecting_failure(config)
+    assert "config error" in err and "model family: teacher internvl (InternVL) vs student qwen2_5_vl" in err
+    assert not os.path.exists(os.path.join(out, "metrics.jsonl"))
