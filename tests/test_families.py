@@ -30,7 +30,7 @@ from recipe.models import (
 )
 from recipe.models.tiny import write_tiny_vlm
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "llava_onevision"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "smolvlm", "llava_onevision"]
 IMAGE_SIZES = [(32, 32), (48, 24), (20, 44), (64, 64)]  # (width, height): every family sees several token counts
 
 
@@ -175,6 +175,7 @@ def test_each_family_pair_passes_and_a_token_count_mismatch_is_named_with_both_v
     changed = {"qwen2_vl": ("size", {"shortest_edge": 256, "longest_edge": 4096}),
                "qwen2_5_vl": ("size", {"shortest_edge": 256, "longest_edge": 4096}),
                "internvl": ("max_patches", 6), "idefics3": ("max_image_size", {"longest_edge": 16}),
+               "smolvlm": ("max_image_size", {"longest_edge": 16}),
                "llava_onevision": ("image_grid_pinpoints", [[32, 32]])}[model_type]
     setattr(other, *changed)
     with pytest.raises(IncompatiblePair, match=r"- image processor [^:]*: teacher .+ vs student .+") as stopped:
@@ -357,3 +358,23 @@ def test_training_a_cross_family_pair_stops_before_training(tmp_path, demo_asset
     err = run_expecting_failure(config)
     assert "config error" in err and "model family: teacher internvl (InternVL) vs student qwen2_5_vl" in err
     assert not os.path.exists(os.path.join(out, "metrics.jsonl"))
+
+
+def test_idefics3_image_tokens_are_its_processors(family_dirs):
+    """Where transformers can build the family's processor here (Idefics3's has no video processor), the
+    recipe's expansion of an image is, token for token, the processor's own."""
+    from transformers import Idefics3Processor
+
+    student_dir = family_dirs["idefics3"]["student"]
+    tokenizer = load_tokenizer(student_dir)
+    images = load_image_inputs(student_dir, tokenizer=tokenizer)
+    with open(os.path.join(student_dir, "processor_config.json")) as f:
+        image_seq_len = json.load(f)["image_seq_len"]
+    processor = Idefics3Processor(image_processor=images.image_processor, tokenizer=tokenizer,
+                                  image_seq_len=image_seq_len)
+    for size in IMAGE_SIZES + [(16, 16), (90, 30)]:
+        image = Image.new("RGB", size, (90, 10, 200))
+        text, tensors = images(image)
+        theirs = processor(text=["<image>"], images=[[image]], add_special_tokens=False, return_tensors="pt")
+        assert tokenizer(text, add_special_tokens=False)["input_ids"] == theirs["input_ids"][0].tolist(), size
+        assert torch.equal(tensors["pixel_values"], theirs["pixel_values"])

@@ -3,7 +3,7 @@
     python -m recipe.models.tiny --preset PRESET --tokenizer DIR --out DIR [--seed N]
 
 PRESET: demo-teacher, demo-student (LLaVA: SigLIP + Qwen2, the demo's pair), or <model_type>-teacher,
-<model_type>-student for model_type in qwen2_vl, qwen2_5_vl, internvl, idefics3, llava_onevision. Each preset
+<model_type>-student for model_type in qwen2_vl, qwen2_5_vl, internvl, idefics3, smolvlm, llava_onevision. Each preset
 is the family's transformers model class built from its config, saved with `save_pretrained` together with
 a copy of the given tokenizer (plus the special tokens the family needs), the family's real image processor
 class and its processor settings and chat template, so it loads back through exactly the path a user's
@@ -25,7 +25,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 from recipe.models.families import family_of
 
 DEMO = "demo"
-FAMILY_PRESETS = ("qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "llava_onevision")
+FAMILY_PRESETS = ("qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "smolvlm", "llava_onevision")
 ROLES = {
     # text model sizes and vision depth; the vision width and token counts are the family's, equal for both
     "teacher": (dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,

@@ -10,23 +10,26 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import Idefics3Config
+from transformers import Idefics3Config, SmolVLMConfig
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
 
 from recipe.models.families import Family, TinyPreset, VisionOutput, first_layer_weight_dtype, parameters_of, register
 
 FAKE_TOKEN, GLOBAL_IMAGE, END_OF_UTTERANCE = "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"
 MAX_GRID = 4  # tile rows and columns the tiny presets' tokenizers get <row_i_col_j> tokens for
-# Idefics3's chat format: "User:<image>question<end_of_utterance>\nAssistant: answer<end_of_utterance>\n".
-CHAT_TEMPLATE = (
-    "{{ '<|begin_of_text|>' }}{% for message in messages %}{{ message['role'] | capitalize }}"
+# Idefics3's chat format: "User:<image>question<end_of_utterance>\nAssistant: answer<end_of_utterance>\n" after
+# the tokenizer's begin-of-text token (Idefics3: Llama 3's <|begin_of_text|>; SmolVLM: <|im_start|>).
+CHAT_FORMAT = (
+    "{% for message in messages %}{{ message['role'] | capitalize }}"
     "{% if message['content'] is string %}{{ ': ' + message['content'] }}{% else %}"
     "{{ ':' if message['content'][0]['type'] == 'image' else ': ' }}{% for item in message['content'] %}"
     "{% if item['type'] == 'text' %}{{ item['text'] }}{% elif item['type'] == 'image' %}{{ '<image>' }}{% endif %}"
     "{% endfor %}{% endif %}{{ '<end_of_utterance>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
+BEGIN_OF_TEXT = {"idefics3": "<|begin_of_text|>", "smolvlm": "<|im_start|>"}
 
 
 def image_seq_len(config) -> int:
@@ -91,14 +94,19 @@ class Idefics3(Family):
     def tiny(self, model_type, text, vision_layers, tokenizer):
         vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=4,
                       image_size=32, patch_size=8)
-        config = Idefics3Config(text_config=dict(text, model_type="llama"), vision_config=vision, scale_factor=2,
-                                image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                                pad_token_id=tokenizer.pad_token_id)
+        config_class, image_processor_class = {"idefics3": (Idefics3Config, Idefics3ImageProcessorPil),
+                                               "smolvlm": (SmolVLMConfig, SmolVLMImageProcessorPil)}[model_type]
+        config = config_class(text_config=dict(text, model_type="llama"), vision_config=vision, scale_factor=2,
+                              image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                              pad_token_id=tokenizer.pad_token_id)
         # Images resized to a longest edge of 64 and split into 32x32 tiles (up to 2x2) plus the global one.
-        image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
-        return TinyPreset(config=config, image_processor=image_processor, processor_class="Idefics3Processor",
-                          processor_kwargs={"image_seq_len": image_seq_len(config)}, chat_template=CHAT_TEMPLATE,
-                          end_of_turn=END_OF_UTTERANCE)
+        sizes = dict(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
+        video = None if model_type == "idefics3" else {"video_processor_type": "SmolVLMVideoProcessor", **sizes}
+        return TinyPreset(config=config, image_processor=image_processor_class(**sizes),
+                          processor_class="Idefics3Processor" if model_type == "idefics3" else "SmolVLMProcessor",
+                          processor_kwargs={"image_seq_len": image_seq_len(config)},
+                          chat_template="{{ '" + BEGIN_OF_TEXT[model_type] + "' }}" + CHAT_FORMAT,
+                          end_of_turn=END_OF_UTTERANCE, video_processor=video)
 
     def vision_settings(self, config, image_processor=None):
         vision = config.vision_config
