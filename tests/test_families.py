@@ -378,3 +378,19 @@ def test_idefics3_image_tokens_are_its_processors(family_dirs):
         theirs = processor(text=["<image>"], images=[[image]], add_special_tokens=False, return_tensors="pt")
         assert tokenizer(text, add_special_tokens=False)["input_ids"] == theirs["input_ids"][0].tolist(), size
         assert torch.equal(tensors["pixel_values"], theirs["pixel_values"])
+
+
+def test_a_teacher_processor_giving_another_token_count_stops_the_batch_naming_both(family_dirs, demo_assets):
+    from recipe.models import ImageInputs
+
+    student_dir = family_dirs["qwen2_vl"]["student"]
+    collate = collator_for(student_dir)
+    student = collate.images
+    teacher_processor = copy.deepcopy(student.image_processor)
+    teacher_processor.size = {"shortest_edge": 256, "longest_edge": 16 * 256}  # smaller images keep 1 token
+    collate.teacher_images = ImageInputs(family=student.family, config=student.config,
+                                         image_processor=teacher_processor, image_token=student.image_token)
+    item = dict(sized_items(demo_assets)[0])
+    item["image"] = item["image"].resize((16, 16))
+    with pytest.raises(ValueError, match=r"image tokens for this image: teacher 1 vs student 4"):
+        collate([item])

@@ -152,11 +152,6 @@ def family_of(model) -> Family:
     return _REGISTRY[model_type]
 
 
-def supported_model_types() -> list[str]:
-    _load_all()
-    return sorted(_REGISTRY)
-
-
 def parameters_of(*modules: nn.Module) -> list[nn.Parameter]:
     return [p for module in modules for p in module.parameters()]
 
