@@ -89,8 +89,21 @@ def evaluated_step(final_dir: str) -> int | None:
         return None
 
 
+def _take_multimodal_messages(out_dir: str, tokenizer) -> None:
+    from recipe.data.conversation import multimodal_chat_template
+    from recipe.models.loading import load_chat_template
+
+    template = load_chat_template(out_dir) or tokenizer.chat_template
+    if template and multimodal_chat_template(template) != template:
+        write_atomically(os.path.join(out_dir, "chat_template.jinja"), multimodal_chat_template(template).encode())
+
+
 def export_student(engine, student, out_dir: str, tokenizer, student_path: str) -> None:
-    """Save the student with save_pretrained (gathering ZeRO-3 partitions) plus tokenizer and processor."""
+    """Save the student with save_pretrained (gathering ZeRO-3 partitions) plus tokenizer and processor.
+
+    The processor's chat template must take HF's multimodal messages (what AutoProcessor.apply_chat_template,
+    lmms-eval and the image-text-to-text pipeline hand it): a text-only one is wrapped by
+    recipe.data.conversation.multimodal_chat_template, which renders plain-string content unchanged."""
     import deepspeed
 
     params = list(student.parameters())
@@ -106,5 +119,6 @@ def export_student(engine, student, out_dir: str, tokenizer, student_path: str) 
         for name in PROCESSOR_FILES:
             if os.path.isfile(os.path.join(student_path, name)):
                 shutil.copy(os.path.join(student_path, name), os.path.join(out_dir, name))
+        _take_multimodal_messages(out_dir, tokenizer)
     if dist.is_initialized():
         dist.barrier()

@@ -38,7 +38,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    path: str | None = None  # a save_pretrained directory (LlavaForConditionalGeneration family)
+    path: str | None = None  # a save_pretrained directory of a supported model family (docs/families.md)
 
 
 @dataclass

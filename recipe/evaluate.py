@@ -34,8 +34,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from recipe.data import DroppedSample, Reject, ShardDataset, check_image_tags, encode_prompt
-from recipe.models import image_token_count, load_image_processor, load_tokenizer, load_vlm
+from recipe.data import IMAGE_TAG, DroppedSample, Reject, ShardDataset, check_image_tags, encode_prompt
+from recipe.models import ImageInputs, family_of, load_chat_template, load_image_processor, load_tokenizer, load_vlm
 
 # Text that ends an answer: ChatML end of turn, Qwen2's eos, Llama/Vicuna's eos. Generation also stops on the
 # token ids (stop_token_ids); the strings catch them when decoded text is handed in directly.
@@ -97,9 +97,9 @@ def generate_greedy(model, rows: list[dict], *, pad_token_id: int, stop_ids: lis
                     synced_gpus: bool = False) -> list[list[int]]:
     """Greedy continuation of each row, as token ids cut before the first stop token.
 
-    rows: {"input_ids": LongTensor[T], "pixel_values": (3, H, W) tensor or None}. Prompts are left-padded
-    (generate derives position ids from the attention mask, so padding changes no row's positions);
-    pixel_values go in for the image rows only, in row order, which is how Llava fills image tokens.
+    rows: {"input_ids": LongTensor[T], "images": the row's image tensors (the family's image_keys) or None}.
+    Prompts are left-padded (generate derives position ids from the attention mask, so padding changes no row's
+    positions); images go in for the image rows only, in row order, which is how every family fills image tokens.
     """
     device = model.device
     length = max(len(row["input_ids"]) for row in rows)
@@ -109,10 +109,15 @@ def generate_greedy(model, rows: list[dict], *, pad_token_id: int, stop_ids: lis
         n = len(row["input_ids"])
         input_ids[r, length - n :] = row["input_ids"]
         attention_mask[r, length - n :] = 1
-    images = [row["pixel_values"] for row in rows if row["pixel_values"] is not None]
-    pixel_values = torch.stack(images).to(device, model.dtype) if images else None
+    family = family_of(model)
+    images = [row["images"] for row in rows if row["images"] is not None]
+    image_inputs = {}
+    if images:
+        image_inputs = {key: value.to(device, model.dtype) if value.is_floating_point() else value.to(device)
+                        for key, value in family.collate_images(images).items()}
+        image_inputs.update(family.generation_inputs(model, input_ids.to(device)))
     output = model.generate(
-        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), pixel_values=pixel_values,
+        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **image_inputs,
         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=stop_ids,
         pad_token_id=pad_token_id, synced_gpus=synced_gpus,
         # An image placeholder in an answer is meaningless (and would break a later forward with pixels).
@@ -126,22 +131,27 @@ def generate_greedy(model, rows: list[dict], *, pad_token_id: int, stop_ids: lis
 
 def evaluate_model(model, tokenizer, image_processor, dataset, indices, *, batch_size: int = 16,
                    max_new_tokens: int = 16, synced_gpus: bool = False, progress: bool = True,
-                   template: str = "auto", max_length: int | None = None) -> list[dict]:
+                   template: str = "auto", max_length: int | None = None,
+                   chat_template: str | None = None) -> list[dict]:
     """Greedy answers to the final question of dataset[i] for i in indices, scored by exact match.
 
     Returns one {"id", "type", "prediction", "answer", "correct"} per index, in order ("type": the sample's
     "type" field or None; "prediction": the extracted answer, not normalised). A prompt longer than
     max_length (None: no limit) is not generated and scores as wrong, with "dropped": "prompt_too_long".
     synced_gpus: for DeepSpeed ZeRO-3 (see the module docstring); every rank calls this with its own indices
-    and the same batch_size. Ignored when torch.distributed is not initialised.
+    and the same batch_size. Ignored when torch.distributed is not initialised. image_processor: the model's;
+    its family (recipe/models/families) expands each image's token. chat_template: the processor's, for the
+    families whose turns are multimodal messages (recipe.models.load_chat_template).
     The model is put in eval mode and given back in the mode it came in.
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
     indices = list(indices)
-    image_token_id = model.config.image_token_id
-    prompt_options = dict(image_token=tokenizer.convert_ids_to_tokens(image_token_id),
-                          num_image_tokens=image_token_count(model.config), max_length=max_length, template=template)
+    image_token = tokenizer.convert_ids_to_tokens(model.config.image_token_id)
+    images = ImageInputs(family=family_of(model), config=model.config, image_processor=image_processor,
+                         image_token=image_token)
+    prompt_options = dict(image_token=image_token, max_length=max_length, template=template,
+                          message_format=images.family.message_format, chat_template=chat_template)
     stop_ids = stop_token_ids(model, tokenizer)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     synced = synced_gpus and torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -158,11 +168,11 @@ def evaluate_model(model, tokenizer, image_processor, dataset, indices, *, batch
     try:
         with torch.no_grad(), tqdm(total=len(indices), desc="eval", unit="sample", disable=not progress) as bar:
             for b in range(n_batches):
-                batch = [_prepare(dataset, i, tokenizer, image_processor, prompt_options)
+                batch = [_prepare(dataset, i, tokenizer, images, prompt_options)
                          for i in indices[b * batch_size : (b + 1) * batch_size]]
                 rows = [sample for sample in batch if "dropped" not in sample]
-                if synced and not any(row["pixel_values"] is not None for row in rows):
-                    stand_in = stand_in or _stand_in_row(model.config, image_processor, prompt_options)
+                if synced and not any(row["images"] is not None for row in rows):
+                    stand_in = stand_in or _stand_in_row(tokenizer, images)
                     rows = rows + [stand_in]
                 if rows:
                     answers = generate_greedy(model, rows, pad_token_id=pad_token_id, stop_ids=stop_ids,
@@ -177,30 +187,33 @@ def evaluate_model(model, tokenizer, image_processor, dataset, indices, *, batch
     return results
 
 
-def _prepare(dataset, i: int, tokenizer, image_processor, prompt_options: dict) -> dict:
+def _prepare(dataset, i: int, tokenizer, images: ImageInputs, prompt_options: dict) -> dict:
     item = dataset[i]
     sample = {"id": item.get("id", i), "type": item.get("type"), "answer": item["conversations"][-1]["value"]}
+    text_messages = prompt_options["message_format"] == "text"
     try:
         check_image_tags(item["conversations"], with_image=item.get("image") is not None,
-                         image_tag=prompt_options["image_token"])
+                         image_tag=prompt_options["image_token"] if text_messages else IMAGE_TAG)
     except Reject as error:
         raise ValueError(f"sample {sample['id']!r}: {error}") from None
+    image_ids, sample["images"] = [], None
+    if item.get("image") is not None:
+        text, sample["images"] = images(item["image"])
+        image_ids = [tokenizer(text, add_special_tokens=False)["input_ids"]]
     try:
-        sample["input_ids"] = encode_prompt(item["conversations"], tokenizer, **prompt_options)["input_ids"]
+        sample["input_ids"] = encode_prompt(item["conversations"], tokenizer, image_ids=image_ids,
+                                            **prompt_options)["input_ids"]
     except DroppedSample as drop:
         sample["dropped"] = drop.reason
-        return sample
-    sample["pixel_values"] = (image_processor(images=[item["image"]], return_tensors="pt")["pixel_values"][0]
-                              if item.get("image") is not None else None)
     return sample
 
 
-def _stand_in_row(config, image_processor, prompt_options: dict) -> dict:
-    """A prompt of image tokens only, with a black image: keeps the vision tower in every synced batch.
-    Its output is thrown away."""
-    image = Image.new("RGB", (config.vision_config.image_size,) * 2)
-    return {"input_ids": torch.full((prompt_options["num_image_tokens"],), config.image_token_id, dtype=torch.long),
-            "pixel_values": image_processor(images=[image], return_tensors="pt")["pixel_values"][0]}
+def _stand_in_row(tokenizer, images: ImageInputs) -> dict:
+    """A prompt of one black image's tokens only: keeps the vision tower in every synced batch. Its output is
+    thrown away."""
+    text, tensors = images(Image.new("RGB", (32, 32)))
+    return {"input_ids": torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long),
+            "images": tensors}
 
 
 def _score(sample: dict) -> dict:
@@ -244,7 +257,7 @@ def format_summary(summary: dict) -> str:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="checkpoint directory (LlavaForConditionalGeneration)")
+    parser.add_argument("--model", required=True, help="checkpoint directory (any family in docs/families.md)")
     parser.add_argument("--data", required=True, nargs="+", help="shard directories (data_prep/llava_to_shards.py)")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -268,9 +281,10 @@ def main(argv=None) -> int:
         model = load_vlm(args.model, precision="bf16" if device == "cuda" else "fp32").to(device)
         tokenizer, image_processor = load_tokenizer(args.model), load_image_processor(args.model)
         indices = range(len(dataset) if args.max_samples is None else min(args.max_samples, len(dataset)))
+        chat_template = load_chat_template(args.model) if family_of(model).message_format == "multimodal" else None
         started = time.time()
         results = evaluate_model(model, tokenizer, image_processor, dataset, indices, batch_size=args.batch_size,
-                                 max_new_tokens=args.max_new_tokens)
+                                 max_new_tokens=args.max_new_tokens, chat_template=chat_template)
     except (FileNotFoundError, ValueError, OSError) as error:
         sys.exit(f"error: {error}")
     summary = summarize(results)

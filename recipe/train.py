@@ -56,48 +56,83 @@ def auto_precision() -> str:
 
 
 def build_models(cfg, precision):
-    from recipe.models import check_pair, enable_switch_checkpointing, load_tokenizer, load_vlm
+    """(student, teacher or None, the student's tokenizer, the shared vocabulary the divergences compare or None
+    when both tables have the same size)."""
+    from recipe.models import (
+        check_pair,
+        enable_switch_checkpointing,
+        family_of,
+        load_tokenizer,
+        load_vlm,
+    )
 
     for role in ("student", "teacher"):
         path = getattr(cfg, role).path
         if path is not None and not os.path.isfile(os.path.join(path, "config.json")):
             raise ConfigError(f"{role}.path: no model checkpoint at {path!r} (expected {path}/config.json)")
     tokenizer = load_tokenizer(cfg.student.path)
-    teacher = None
+    teacher = shared_vocab = None
     if cfg.distill:
         from transformers import AutoConfig
-        # Checked on configs and tokenizers before any weights are loaded.
-        pair = check_pair(AutoConfig.from_pretrained(cfg.teacher.path), AutoConfig.from_pretrained(cfg.student.path),
-                          load_tokenizer(cfg.teacher.path), tokenizer)
+        # Checked on configs, tokenizers and image processors before any weights are loaded.
+        teacher_config, student_config = (AutoConfig.from_pretrained(p) for p in (cfg.teacher.path, cfg.student.path))
+        pair = check_pair(teacher_config, student_config, load_tokenizer(cfg.teacher.path), tokenizer,
+                          _image_processor_or_none(cfg.teacher.path), _image_processor_or_none(cfg.student.path))
         if rank() == 0:
             for note in pair.notes:
                 print(f"[train] pair check: {note}", flush=True)
         teacher = load_vlm(cfg.teacher.path, precision=precision, attention=cfg.attention)
         teacher.config.image_token_id = pair.image_token_id  # the student's tokenizer encodes both passes' text
+        sizes = (teacher_config.text_config.vocab_size, student_config.text_config.vocab_size)
+        shared_vocab = pair.shared_vocab if pair.shared_vocab < max(sizes) else None
     student = load_vlm(cfg.student.path, precision=precision, attention=cfg.attention)
+    family = family_of(student)
     if not cfg.train_vision_tower:
-        student.model.vision_tower.requires_grad_(False)
+        for parameter in family.parts(student)["vision"]:
+            parameter.requires_grad_(False)
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if teacher is not None:
-            enable_switch_checkpointing(teacher)
-    return student, teacher, tokenizer
+            enable_switch_checkpointing(family.language_model(teacher))
+    return student, teacher, tokenizer, shared_vocab
+
+
+def _image_processor_or_none(path: str):
+    """For the pair check, which compares image processors only when both load: a missing one is reported by
+    build_data, after the pair check has named every mismatch of the configs."""
+    from recipe.models import load_image_processor
+
+    try:
+        return load_image_processor(path)
+    except FileNotFoundError:
+        return None
 
 
 def build_data(cfg, student, tokenizer):
     from recipe.data import Collator, ResumableDistributedSampler, ShardDataset
-    from recipe.models import image_token_count, load_image_processor, same_preprocessing
+    from recipe.models import ImageInputs, load_image_inputs, load_image_processor, same_preprocessing
 
     dataset = ShardDataset(cfg.data.train)
     sampler = ResumableDistributedSampler(len(dataset), rank=rank(), world_size=world_size(), seed=cfg.seed)
-    student_processor = load_image_processor(cfg.student.path)
-    teacher_processor = load_image_processor(cfg.teacher.path) if cfg.distill else None
-    if teacher_processor is not None and same_preprocessing(teacher_processor, student_processor):
-        teacher_processor = None  # one set of pixel values serves both models
-    collator = Collator(tokenizer, student_processor, num_image_tokens=image_token_count(student.config),
-                        image_token_id=student.config.image_token_id, max_length=cfg.data.max_length,
-                        template=cfg.data.template, teacher_image_processor=teacher_processor)
+    student_images = load_image_inputs(cfg.student.path, student.config, tokenizer)
+    teacher_images = None
+    if cfg.distill:
+        from transformers import AutoConfig
+
+        teacher_processor = load_image_processor(cfg.teacher.path)
+        if not same_preprocessing(teacher_processor, student_images.image_processor):  # else one set serves both
+            teacher_images = ImageInputs(family=student_images.family, config=AutoConfig.from_pretrained(
+                cfg.teacher.path), image_processor=teacher_processor, image_token=student_images.image_token)
+    collator = Collator(tokenizer, images=student_images, max_length=cfg.data.max_length, template=cfg.data.template,
+                        teacher_images=teacher_images, chat_template=chat_template_for(cfg.student.path, student))
     return dataset, sampler, collator
+
+
+def chat_template_for(path: str, model) -> str | None:
+    """The processor's chat template for families whose turns are multimodal messages (None: the tokenizer's)."""
+    from recipe.models import family_of, load_chat_template
+
+    return load_chat_template(path) if family_of(model).message_format == "multimodal" else None
 
 
 def plan_steps(cfg, num_samples: int, world: int) -> int:
@@ -159,7 +194,8 @@ def evaluate_during_training(cfg, engine, student, tokenizer, step: int) -> dict
     results = evaluate_model(student, tokenizer, load_image_processor(cfg.student.path), dataset,
                              range(rank(), count, world_size()), batch_size=cfg.eval_batch_size,
                              max_new_tokens=cfg.eval_max_new_tokens, synced_gpus=engine.zero_optimization_stage() == 3,
-                             progress=False, template=cfg.data.template, max_length=cfg.data.max_length)
+                             progress=False, template=cfg.data.template, max_length=cfg.data.max_length,
+                             chat_template=chat_template_for(cfg.student.path, student))
     if dist.is_initialized():
         gathered = [None] * world_size()
         dist.all_gather_object(gathered, results)
@@ -197,7 +233,7 @@ def build_run(cfg, precision: str) -> Run:
     try:
         ds_config = deepspeed_config(cfg, precision)
         zero3 = zero3_loading(ds_config)  # ZeRO-3: no rank ever holds a whole model
-        student, teacher, tokenizer = build_models(cfg, precision)
+        student, teacher, tokenizer, shared_vocab = build_models(cfg, precision)
         dataset, sampler, collator = build_data(cfg, student, tokenizer)
         max_steps = plan_steps(cfg, len(dataset), world_size())
     except ConfigError:
@@ -209,7 +245,8 @@ def build_run(cfg, precision: str) -> Run:
         print(f"[train] loaded student {s_total / 1e6:.1f}M and teacher {t_total / 1e6:.1f}M parameters; "
               f"rank 0 holds {(s_here + t_here) / (s_total + t_total):.0%} of them", flush=True)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=SwitchKDModel(student, teacher, cfg.loss), model_parameters=param_groups(student, cfg.optim.weight_decay),
+        model=SwitchKDModel(student, teacher, cfg.loss, shared_vocab),
+        model_parameters=param_groups(student, cfg.optim.weight_decay),
         config=ds_config, lr_scheduler=lambda opt: warmup_cosine(opt, warmup_steps=cfg.optim.warmup_steps,
                                                                  max_steps=max_steps,
                                                                  min_lr_ratio=cfg.optim.min_lr_ratio))

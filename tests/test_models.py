@@ -4,7 +4,6 @@ import copy
 import importlib.util
 import os
 import shutil
-import types
 
 import pytest
 import torch
@@ -215,7 +214,7 @@ def test_switch_checkpointing_recomputes_the_teacher_layers_and_changes_nothing_
     student, teacher = copy.deepcopy(pair[0]), copy.deepcopy(pair[1])
     teacher.requires_grad_(False).eval()
     plain = switch_step(student, teacher, mixed_batch)
-    assert enable_switch_checkpointing(teacher)
+    assert enable_switch_checkpointing(teacher.model.language_model)
     checkpointed = switch_step(student, teacher, mixed_batch)
     n_layers = len(teacher.model.language_model.layers)
     # Same logits and gradient to E_S, bit for bit: the layers' submodules never leave eval mode.
@@ -231,12 +230,11 @@ def test_switch_checkpointing_is_refused_for_layers_that_read_their_training_fla
     from transformers import OPTConfig, OPTModel
 
     # OPT's decoder layer applies dropout with training=self.training in its own forward: raising the layer's
-    # flag to checkpoint it would turn dropout on in the teacher. Only teacher.model.language_model is read.
+    # flag to checkpoint it would turn dropout on in the teacher.
     opt = OPTModel(OPTConfig(hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=64,
                              word_embed_proj_dim=16))
-    teacher = types.SimpleNamespace(model=types.SimpleNamespace(language_model=opt))
     with pytest.warns(UserWarning, match="OPTDecoderLayer reads its training flag"):
-        assert not enable_switch_checkpointing(teacher)
+        assert not enable_switch_checkpointing(opt)
     assert not any(getattr(m, "gradient_checkpointing", False) for m in opt.modules())
 
 

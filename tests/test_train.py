@@ -106,6 +106,28 @@ def test_final_student_loads_with_transformers_and_generates(uninterrupted):
     assert any(not torch.equal(start[k], end[k]) for k in start)
 
 
+def test_final_student_answers_through_autoprocessor_with_multimodal_messages(uninterrupted):
+    """The standard HF path a new user (and lmms-eval's llava_hf, the image-text-to-text pipeline) takes."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    final = os.path.join(uninterrupted, "final")
+    processor = AutoProcessor.from_pretrained(final)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is it?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>user\n<image>What color is it?<|im_end|>\n<|im_start|>assistant\n")
+    # Plain-string content renders as the training template (the demo's ChatML) always did.
+    from recipe.data import render_chatml
+
+    text = [{"role": "user", "content": "<image>\nWhat color is it?"}]
+    assert processor.apply_chat_template(text, add_generation_prompt=True) == render_chatml(
+        text, add_generation_prompt=True)
+    inputs = processor(text=[prompt], images=[Image.new("RGB", (32, 32), (200, 30, 30))], return_tensors="pt")
+    model = LlavaForConditionalGeneration.from_pretrained(final)
+    generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] > inputs["input_ids"].shape[1]
+
+
 def test_zero2_and_zero3_give_the_same_losses(tmp_path, demo_assets, uninterrupted):
     config, out = write_config(tmp_path, demo_assets, "zero3", zero_stage=3, max_steps=12, save_every=6)
     run_training(config)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from recipe.models.loading import image_token_count, vision_feature_width
+from recipe.models.families import family_of
 
 
 class IncompatiblePair(ValueError):
@@ -82,24 +82,45 @@ def _reconcile_tokenizers(teacher_config, student_config, teacher_tokenizer, stu
     return problems, notes
 
 
-def check_pair(teacher_config, student_config, teacher_tokenizer=None, student_tokenizer=None) -> PairCheck:
+def shared_vocabulary(teacher_config, student_config) -> int:
+    """The id range the divergences compare: the smaller of the two tables (the other's extra rows are padding
+    or trailing tokens; _reconcile_tokenizers checks that no id the data can hold lies beyond it)."""
+    return min(teacher_config.text_config.vocab_size, student_config.text_config.vocab_size)
+
+
+def _vision_problems(teacher_config, student_config, teacher_image_processor, student_image_processor) -> list[str]:
+    """P_T receives E_S's features in the switch pass: same family, same feature width, and the same image-token
+    count for every image (patch size, merge factor, pixel bounds: the family's vision_settings)."""
+    teacher_family, student_family = family_of(teacher_config), family_of(student_config)
+    if teacher_config.model_type != student_config.model_type:
+        return [f"model family: teacher {teacher_config.model_type} ({teacher_family.name}) vs student "
+                f"{student_config.model_type} ({student_family.name}); the switch pass feeds the student's vision "
+                f"features to the teacher's projector, which needs the same family"]
+    with_processors = teacher_image_processor is not None and student_image_processor is not None
+    teacher_settings = teacher_family.vision_settings(teacher_config, teacher_image_processor if with_processors
+                                                      else None)
+    student_settings = student_family.vision_settings(student_config, student_image_processor if with_processors
+                                                      else None)
+    return [f"{what}: teacher {teacher_settings[what]} vs student {student_settings[what]}"
+            for what in teacher_settings if teacher_settings[what] != student_settings[what]]
+
+
+def check_pair(teacher_config, student_config, teacher_tokenizer=None, student_tokenizer=None,
+               teacher_image_processor=None, student_image_processor=None) -> PairCheck:
     """Raise IncompatiblePair naming each mismatch with both values; else what was reconciled.
 
     Without tokenizers the vocabularies must match exactly (size and image token id). With them, the pair
     only needs the teacher to read every id the student's tokenizer can produce as the same token: tables
     may differ by padding rows or trailing tokens, Qwen2.5's extra special tokens are fine next to Qwen2.
+    With both image processors, their settings that fix the image-token count are compared too.
     """
-    problems = []
+    problems = _vision_problems(teacher_config, student_config, teacher_image_processor, student_image_processor)
 
     def compare(what, teacher_value, student_value):
         if teacher_value != student_value:
             problems.append(f"{what}: teacher {teacher_value} vs student {student_value}")
 
-    # P_T receives E_S's features in the switch pass: widths and token counts must agree.
-    compare("vision feature width (student E_S output -> teacher projector input)",
-            vision_feature_width(teacher_config), vision_feature_width(student_config))
-    compare("image tokens per image", image_token_count(teacher_config), image_token_count(student_config))
-    shared = min(teacher_config.text_config.vocab_size, student_config.text_config.vocab_size)
+    shared = shared_vocabulary(teacher_config, student_config)
     notes = []
     if teacher_tokenizer is None or student_tokenizer is None:
         compare("vocabulary size", teacher_config.text_config.vocab_size, student_config.text_config.vocab_size)

@@ -41,7 +41,8 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
 from recipe.models import tinyllava as F
-from recipe.models.loading import image_token_count, load_image_processor, load_tokenizer
+from recipe.models.families.llava import image_token_count
+from recipe.models.loading import load_image_processor, load_tokenizer
 
 SOURCE_KEY = "tinyllava_source"  # LlavaConfig attribute: what hf-to-tinyllava restores
 MAX_SHARD_BYTES = 5 * 1024**3  # TinyLLaVA Factory's (transformers 4.x Trainer's) shard size

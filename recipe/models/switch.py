@@ -1,5 +1,5 @@
-"""The three forward passes of Switch-KD (docs/method.md, "The three passes") over
-LlavaForConditionalGeneration models.
+"""The three forward passes of Switch-KD (docs/method.md, "The three passes"), for every model family
+(recipe/models/families: where E ends and P begins, how image embeddings enter L).
 
     teacher pass  z_T  = L_T(P_T(E_T(image)), text)   no_grad, once per micro-step, reused by both losses
     student pass  z_S  = L_S(P_S(E_S(image)), text)
@@ -22,32 +22,7 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from recipe.losses.objective import switch_kd_objective
-from recipe.models.loading import vision_feature_layers
-
-
-def vision_features(vlm, pixel_values: torch.Tensor) -> torch.Tensor:
-    """E(image) exactly where this model's projector takes it: (images, tokens, feature width)."""
-    config = vlm.config
-    pixel_values = pixel_values.to(vlm.model.vision_tower.dtype)
-    outputs = vlm.model.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-    selected = [outputs.hidden_states[layer] for layer in vision_feature_layers(config)]
-    if config.vision_feature_select_strategy == "default":
-        selected = [hidden[:, 1:] for hidden in selected]
-    return torch.cat(selected, dim=-1)
-
-
-def language_hidden(vlm, input_ids, attention_mask, image_embeds: torch.Tensor | None) -> torch.Tensor:
-    """Last hidden states of the language model with image embeddings placed at the image tokens."""
-    image_mask = input_ids == vlm.config.image_token_id
-    embeds = vlm.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
-    n_slots = int(image_mask.sum())
-    n_given = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
-    if n_slots != n_given:
-        raise ValueError(f"{n_slots} image-token positions in the text but {n_given} image embeddings")
-    if image_embeds is not None:
-        embeds = embeds.masked_scatter(image_mask[..., None], image_embeds.to(embeds.dtype))
-    outputs = vlm.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
-    return outputs.last_hidden_state
+from recipe.models.families import family_of, language_hidden
 
 
 def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -59,13 +34,13 @@ def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return sample, position, labels[sample, position + 1]
 
 
-def enable_switch_checkpointing(teacher) -> bool:
+def enable_switch_checkpointing(language_model: nn.Module) -> bool:
     """Checkpoint the teacher's decoder layers in the switch pass, which backpropagates to E_S through the
     whole teacher language model: without it that pass keeps every layer's activations for the backward
     (tests/perf/README.md has the measured sizes). The teacher pass runs under no_grad and is not affected.
     Returns False, with a warning, for decoder layers that read their own training flag (their output would
-    change with it; see `frozen_layers_checkpointing`)."""
-    language_model = teacher.model.language_model
+    change with it; see `frozen_layers_checkpointing`). language_model: the teacher's L decoder
+    (Family.language_model)."""
     layers = [m for m in language_model.modules() if isinstance(m, GradientCheckpointingLayer)]
     unsafe = sorted({type(m).__name__ for m in layers if _reads_training_flag(type(m))})
     if not layers or unsafe:
@@ -133,63 +108,75 @@ class PassOutputs:
         return self.teacher_head(self.switch_hidden)
 
 
-def stand_in_image(vlm) -> torch.Tensor:
+def stand_in_images(vlm) -> dict:
     """One black image for micro-batches without images.
 
     ZeRO-3 gathers parameters module by module, collectively, in forward and backward: every rank must
     run the same modules every micro-step. So a batch without images still runs the vision path on this
     image, and its output enters the loss multiplied by zero (as LLaVA does for text-only batches).
     """
-    size = vlm.config.vision_config.image_size
-    return torch.zeros((1, 3, size, size), device=vlm.device)
+    return family_of(vlm).stand_in_images(vlm)
 
 
-def run_passes(student, teacher, batch: dict, *, with_switch: bool = True) -> PassOutputs:
+def batch_images(batch: dict, family, prefix: str = "") -> dict:
+    """The batch's image tensors for one model (prefix "teacher_": the teacher's own preprocessing)."""
+    return {key: batch[prefix + key] for key in family.image_keys}
+
+
+def run_passes(student, teacher, batch: dict, *, with_switch: bool = True, vocab: int | None = None) -> PassOutputs:
     """Teacher (cached), student and switch passes of one micro-batch.
 
-    batch: input_ids, attention_mask, labels (B, T); pixel_values (images, 3, H, W) for the samples
-    whose has_image (B,) is set, in batch order; teacher_pixel_values, when present, the same images as the
-    teacher preprocesses them (E_T's input; otherwise E_T takes pixel_values). Text-only samples get no
-    switch pass.
+    batch: input_ids, attention_mask, labels (B, T); the image tensors of the samples whose has_image (B,) is
+    set, in batch order, under the family's image_keys (pixel_values, and e.g. image_grid_thw); the same
+    keys prefixed "teacher_", when present, are the images as the teacher preprocesses them (E_T's input;
+    otherwise E_T takes the student's). Text-only samples get no switch pass. vocab: the shared vocabulary
+    the divergences compare (PassOutputs.vocab), from the pair check.
     """
     input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     has_image = batch["has_image"]
+    family = family_of(student)
     sample, position, targets = supervised_positions(labels)
     stand_in = not bool(has_image.any())
-    pixel_values = stand_in_image(student) if stand_in else batch["pixel_values"]
+    images = stand_in_images(student) if stand_in else batch_images(batch, family)
 
     # E_S runs once; its features feed both P_S (student pass) and P_T (switch pass).
-    student_features = vision_features(student, pixel_values)
-    student_embeds = student.model.multi_modal_projector(student_features)
-    student_hidden = language_hidden(student, input_ids, attention_mask, None if stand_in else student_embeds)
+    student_vision = family.encode_images(student, images)
+    student_hidden = language_hidden(student, input_ids, attention_mask, None if stand_in else student_vision.embeds,
+                                     images, "student pass")
     out = PassOutputs(student_hidden=student_hidden[sample, position], targets=targets, student_head=student.lm_head)
     if stand_in:
-        out.anchor = student_embeds.sum() * 0.0
+        out.anchor = student_vision.embeds.sum() * 0.0
     if teacher is None:
         return out
+    out.vocab = vocab
 
-    if "teacher_pixel_values" in batch:
-        teacher_pixels = stand_in_image(teacher) if stand_in else batch["teacher_pixel_values"]
+    if stand_in:
+        teacher_images = stand_in_images(teacher)
+    elif "teacher_" + family.image_keys[0] in batch:
+        teacher_images = batch_images(batch, family, "teacher_")
     else:
-        teacher_pixels = pixel_values
+        teacher_images = images
     with torch.no_grad():
-        teacher_embeds = teacher.model.multi_modal_projector(vision_features(teacher, teacher_pixels))
-        teacher_hidden = language_hidden(teacher, input_ids, attention_mask, None if stand_in else teacher_embeds)
+        teacher_embeds = family.encode_images(teacher, teacher_images).embeds
+        teacher_hidden = language_hidden(teacher, input_ids, attention_mask, None if stand_in else teacher_embeds,
+                                         teacher_images, "teacher pass")
         out.teacher_hidden = teacher_hidden[sample, position]
     out.teacher_head = teacher.lm_head
 
     if with_switch:
-        switch_embeds = teacher.model.multi_modal_projector(student_features)
+        switch_embeds = family.project(teacher, student_vision.features, images)
         rows = has_image[sample]
-        with frozen_layers_checkpointing(teacher.model.language_model):  # no-op unless enable_switch_checkpointing
+        with frozen_layers_checkpointing(family.language_model(teacher)):  # no-op unless enable_switch_checkpointing
             if stand_in:  # the stand-in image alone, as a sequence of image tokens; no supervised rows
-                image_ids = torch.full(switch_embeds.shape[:2], teacher.config.image_token_id, device=input_ids.device)
-                switch_hidden = language_hidden(teacher, image_ids, torch.ones_like(image_ids), switch_embeds)
+                image_ids = torch.full((1, switch_embeds.shape[0]), teacher.config.image_token_id,
+                                       device=input_ids.device)
+                switch_hidden = language_hidden(teacher, image_ids, torch.ones_like(image_ids), switch_embeds, images,
+                                                "switch pass")
                 out.anchor = out.anchor + switch_hidden.sum() * 0.0
                 sub_sample = sub_position = sample[:0]
             else:
                 switch_hidden = language_hidden(teacher, input_ids[has_image], attention_mask[has_image],
-                                                switch_embeds)
+                                                switch_embeds, images, "switch pass")
                 # Sample indices inside the image-only sub-batch, for the same rows in the same order.
                 sub_sample, sub_position = (torch.cumsum(has_image.long(), 0) - 1)[sample[rows]], position[rows]
         out.switch_hidden = switch_hidden[sub_sample, sub_position]
@@ -200,14 +187,16 @@ def run_passes(student, teacher, batch: dict, *, with_switch: bool = True) -> Pa
 class SwitchKDModel(nn.Module):
     """What the DeepSpeed engine wraps: the trainable student and the frozen teacher (or no teacher: SFT).
 
-    forward(batch) -> dict of loss terms; "loss" is the weighted objective to backpropagate.
+    forward(batch) -> dict of loss terms; "loss" is the weighted objective to backpropagate. shared_vocab (the
+    pair check's PairCheck.shared_vocab) is None when both tables have the same size.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, loss_config):
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, loss_config, shared_vocab: int | None = None):
         super().__init__()
         self.student = student
         self.teacher = teacher
         self.loss_config = loss_config
+        self.shared_vocab = shared_vocab  # the pair check's: the divergences compare the first shared_vocab logits
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
@@ -221,5 +210,5 @@ class SwitchKDModel(nn.Module):
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         cfg = self.loss_config
         teacher = self.teacher if (cfg.align_weight > 0 or cfg.vsd_weight > 0) else None
-        passes = run_passes(self.student, teacher, batch, with_switch=cfg.vsd_weight > 0)
+        passes = run_passes(self.student, teacher, batch, with_switch=cfg.vsd_weight > 0, vocab=self.shared_vocab)
         return switch_kd_objective(passes, cfg)
