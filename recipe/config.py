@@ -72,6 +72,9 @@ class LossConfig:
     k_max: int | None = None  # None: candidates
     bild_top_k: int = 8
     impl: LossImpl = "auto"
+    # Supervised rows the LM heads and the loss terms process at a time; the backward recomputes one chunk's
+    # logits at a time, so no (rows x vocab) tensor is kept for it (recipe/losses/head.py). 0: all rows at once.
+    chunk_rows: int = 1024
 
 
 @dataclass
@@ -223,6 +226,8 @@ def validate(config: TrainConfig) -> TrainConfig:
     if not 2 <= loss.k_min <= k_max <= loss.candidates:
         problems.append(f"need 2 <= loss.k_min <= loss.k_max <= loss.candidates; got candidates={loss.candidates}, "
                         f"k_min={loss.k_min}, k_max={loss.k_max}")
+    if loss.chunk_rows < 0:
+        problems.append(f"loss.chunk_rows must be >= 0 (0: unchunked), got {loss.chunk_rows}")
     if loss.bild_top_k < 2:
         problems.append(f"loss.bild_top_k must be >= 2 (pairs of top logits), got {loss.bild_top_k}")
     if not config.distill and (loss.align_weight > 0 or loss.vsd_weight > 0):
