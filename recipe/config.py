@@ -48,6 +48,11 @@ class DataConfig:
     max_length: int = 2048
     template: ChatTemplate = "auto"
     num_workers: int = 2
+    # Micro-batches of similar lengths (less padding): each run of length_group_size consecutive samples of an
+    # epoch's shuffled order is taken longest first (recipe/data/sampler.py); lengths are estimated from sizes
+    # the shard converter records (recipe/data/lengths.py). The runs' size does not depend on the ranks.
+    group_by_length: bool = False
+    length_group_size: int = 2048
 
 
 @dataclass
@@ -201,7 +206,8 @@ def validate(config: TrainConfig) -> TrainConfig:
         problems.append("data.train is required (one or more shard directories)")
     if (config.max_steps is None) == (config.epochs is None):
         problems.append("give exactly one of max_steps and epochs")
-    for key in ("micro_batch_size", "grad_accum", "save_every", "keep_checkpoints", "data.max_length", "log_every",
+    for key in ("micro_batch_size", "grad_accum", "save_every", "keep_checkpoints", "data.max_length",
+                "data.length_group_size", "log_every",
                 "eval_batch_size", "eval_max_new_tokens", "max_steps", "eval_max_samples"):
         if _lookup(config, key) is not None and _lookup(config, key) < 1:
             problems.append(f"{key} must be >= 1, got {_lookup(config, key)}")
