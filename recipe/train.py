@@ -56,7 +56,7 @@ def auto_precision() -> str:
 
 
 def build_models(cfg, precision):
-    from recipe.models import check_pair, enable_switch_checkpointing, load_tokenizer, load_vlm
+    from recipe.models import check_pair, load_tokenizer, load_vlm
 
     for role in ("student", "teacher"):
         path = getattr(cfg, role).path
@@ -71,13 +71,20 @@ def build_models(cfg, precision):
                    load_tokenizer(cfg.teacher.path), tokenizer)
         teacher = load_vlm(cfg.teacher.path, precision=precision, attention=cfg.attention)
     student = load_vlm(cfg.student.path, precision=precision, attention=cfg.attention)
+    prepare_models(cfg, student, teacher)
+    return student, teacher, tokenizer
+
+
+def prepare_models(cfg, student, teacher) -> None:
+    """What the config asks of the models once built: a frozen E_S, gradient checkpointing."""
+    from recipe.models import enable_switch_checkpointing
+
     if not cfg.train_vision_tower:
         student.model.vision_tower.requires_grad_(False)
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if teacher is not None:
             enable_switch_checkpointing(teacher)
-    return student, teacher, tokenizer
 
 
 def build_data(cfg, student, tokenizer):
