@@ -79,7 +79,8 @@ class LossConfig:
     impl: LossImpl = "auto"
     # Supervised rows the LM heads and the loss terms process at a time; the backward recomputes one chunk's
     # logits at a time, so no (rows x vocab) tensor is kept for it (recipe/losses/head.py). 0: all rows at once.
-    chunk_rows: int = 1024
+    # 512 bounds the loss's memory to a few GB at V = 151,936 while its matmuls stay large.
+    chunk_rows: int = 512
 
 
 @dataclass
