@@ -48,6 +48,11 @@ class DataConfig:
     max_length: int = 2048
     template: ChatTemplate = "auto"
     num_workers: int = 2
+    # Micro-batches of similar lengths (less padding): each run of length_group_size consecutive samples of an
+    # epoch's shuffled order is taken longest first (recipe/data/sampler.py); lengths are estimated from sizes
+    # the shard converter records (recipe/data/lengths.py). The runs' size does not depend on the ranks.
+    group_by_length: bool = False
+    length_group_size: int = 2048
 
 
 @dataclass
@@ -72,6 +77,10 @@ class LossConfig:
     k_max: int | None = None  # None: candidates
     bild_top_k: int = 8
     impl: LossImpl = "auto"
+    # Supervised rows the LM heads and the loss terms process at a time; the backward recomputes one chunk's
+    # logits at a time, so no (rows x vocab) tensor is kept for it (recipe/losses/head.py). 0: all rows at once.
+    # 512 bounds the loss's memory to a few GB at V = 151,936 while its matmuls stay large.
+    chunk_rows: int = 512
 
 
 @dataclass
@@ -198,7 +207,8 @@ def validate(config: TrainConfig) -> TrainConfig:
         problems.append("data.train is required (one or more shard directories)")
     if (config.max_steps is None) == (config.epochs is None):
         problems.append("give exactly one of max_steps and epochs")
-    for key in ("micro_batch_size", "grad_accum", "save_every", "keep_checkpoints", "data.max_length", "log_every",
+    for key in ("micro_batch_size", "grad_accum", "save_every", "keep_checkpoints", "data.max_length",
+                "data.length_group_size", "log_every",
                 "eval_batch_size", "eval_max_new_tokens", "max_steps", "eval_max_samples"):
         if _lookup(config, key) is not None and _lookup(config, key) < 1:
             problems.append(f"{key} must be >= 1, got {_lookup(config, key)}")
@@ -223,6 +233,8 @@ def validate(config: TrainConfig) -> TrainConfig:
     if not 2 <= loss.k_min <= k_max <= loss.candidates:
         problems.append(f"need 2 <= loss.k_min <= loss.k_max <= loss.candidates; got candidates={loss.candidates}, "
                         f"k_min={loss.k_min}, k_max={loss.k_max}")
+    if loss.chunk_rows < 0:
+        problems.append(f"loss.chunk_rows must be >= 0 (0: unchunked), got {loss.chunk_rows}")
     if loss.bild_top_k < 2:
         problems.append(f"loss.bild_top_k must be >= 2 (pairs of top logits), got {loss.bild_top_k}")
     if not config.distill and (loss.align_weight > 0 or loss.vsd_weight > 0):

@@ -58,13 +58,7 @@ def auto_precision() -> str:
 def build_models(cfg, precision):
     """(student, teacher or None, the student's tokenizer, the shared vocabulary the divergences compare or None
     when both tables have the same size)."""
-    from recipe.models import (
-        check_pair,
-        enable_switch_checkpointing,
-        family_of,
-        load_tokenizer,
-        load_vlm,
-    )
+    from recipe.models import check_pair, load_tokenizer, load_vlm
 
     for role in ("student", "teacher"):
         path = getattr(cfg, role).path
@@ -86,6 +80,14 @@ def build_models(cfg, precision):
         sizes = (teacher_config.text_config.vocab_size, student_config.text_config.vocab_size)
         shared_vocab = pair.shared_vocab if pair.shared_vocab < max(sizes) else None
     student = load_vlm(cfg.student.path, precision=precision, attention=cfg.attention)
+    prepare_models(cfg, student, teacher)
+    return student, teacher, tokenizer, shared_vocab
+
+
+def prepare_models(cfg, student, teacher) -> None:
+    """What the config asks of the models once built: a frozen E_S, gradient checkpointing."""
+    from recipe.models import enable_switch_checkpointing, family_of
+
     family = family_of(student)
     if not cfg.train_vision_tower:
         for parameter in family.parts(student)["vision"]:
@@ -94,7 +96,6 @@ def build_models(cfg, precision):
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if teacher is not None:
             enable_switch_checkpointing(family.language_model(teacher))
-    return student, teacher, tokenizer, shared_vocab
 
 
 def _image_processor_or_none(path: str):
@@ -223,18 +224,34 @@ class Run:
     zero3_loading: object  # ZeRO-3's partitioned loading, kept alive for the run (transformers holds a weak ref)
 
 
-def build_run(cfg, precision: str) -> Run:
-    """Models, data and the one DeepSpeed engine over the trainable student and the frozen teacher (the
-    optimizer sees the student only). A bad pair, path or size raises ConfigError, before any training."""
+def build_engine(cfg, ds_config: dict, student, teacher, max_steps: int, shared_vocab: int | None = None):
+    """(engine, LR scheduler): the one DeepSpeed engine over the trainable student and the frozen teacher (the
+    optimizer sees the student only); shared_vocab: the id range the divergences compare (build_models)."""
     import deepspeed
 
     from recipe.models import SwitchKDModel
 
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=SwitchKDModel(student, teacher, cfg.loss, shared_vocab),
+        model_parameters=param_groups(student, cfg.optim.weight_decay),
+        config=ds_config, lr_scheduler=lambda opt: warmup_cosine(opt, warmup_steps=cfg.optim.warmup_steps,
+                                                                 max_steps=max_steps,
+                                                                 min_lr_ratio=cfg.optim.min_lr_ratio))
+    return engine, scheduler
+
+
+def build_run(cfg, precision: str) -> Run:
+    """Models, data and the engine (build_engine). A bad pair, path or size raises ConfigError, before any
+    training."""
     try:
         ds_config = deepspeed_config(cfg, precision)
         zero3 = zero3_loading(ds_config)  # ZeRO-3: no rank ever holds a whole model
         student, teacher, tokenizer, shared_vocab = build_models(cfg, precision)
         dataset, sampler, collator = build_data(cfg, student, tokenizer)
+        if cfg.data.group_by_length:
+            from recipe.data.lengths import estimate_lengths
+            sampler.group_by_length(estimate_lengths(dataset, cfg.data.train, collator, cfg.data.max_length,
+                                                     progress=rank() == 0), cfg.data.length_group_size)
         max_steps = plan_steps(cfg, len(dataset), world_size())
     except ConfigError:
         raise
@@ -244,12 +261,7 @@ def build_run(cfg, precision: str) -> Run:
         (s_total, s_here), (t_total, t_here) = parameter_counts(student), parameter_counts(teacher)
         print(f"[train] loaded student {s_total / 1e6:.1f}M and teacher {t_total / 1e6:.1f}M parameters; "
               f"rank 0 holds {(s_here + t_here) / (s_total + t_total):.0%} of them", flush=True)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=SwitchKDModel(student, teacher, cfg.loss, shared_vocab),
-        model_parameters=param_groups(student, cfg.optim.weight_decay),
-        config=ds_config, lr_scheduler=lambda opt: warmup_cosine(opt, warmup_steps=cfg.optim.warmup_steps,
-                                                                 max_steps=max_steps,
-                                                                 min_lr_ratio=cfg.optim.min_lr_ratio))
+    engine, scheduler = build_engine(cfg, ds_config, student, teacher, max_steps, shared_vocab)
     return Run(engine=engine, scheduler=scheduler, student=student, tokenizer=tokenizer, sampler=sampler,
                data=batches(dataset, sampler, collator, cfg), max_steps=max_steps, zero3_loading=zero3)
 
@@ -261,7 +273,7 @@ def train_step(run: Run, cfg) -> dict:
     world = world_size()
     lr = run.scheduler.get_last_lr()[0]  # the LR this step uses
     sums = dict.fromkeys(LOSS_TERMS, 0.0)
-    tokens = dropped = 0
+    tokens = slots = dropped = 0  # slots: tokens + padding
     for _ in range(cfg.grad_accum):
         batch = next(run.data)
         run.sampler.advance(cfg.micro_batch_size * world)
@@ -269,18 +281,19 @@ def train_step(run: Run, cfg) -> dict:
         if batch["input_ids"].shape[0] == 0:
             batch = stand_in_batch(run.tokenizer.pad_token_id)
         tokens += int(batch["attention_mask"].sum())
+        slots += batch["attention_mask"].numel()
         out = run.engine(to_device(batch, run.engine.device))
         run.engine.backward(out["loss"])
         run.engine.step()
         terms = torch.stack([out[key].detach().float() for key in LOSS_TERMS]).tolist()  # one device sync, not four
         for key, value in zip(LOSS_TERMS, terms):
             sums[key] += value / cfg.grad_accum
-    *terms, tokens, dropped = all_reduce_mean([*sums.values(), tokens, dropped], run.engine.device)
+    *terms, tokens, slots, dropped = all_reduce_mean([*sums.values(), tokens, slots, dropped], run.engine.device)
     elapsed = time.time() - started
     return {**dict(zip(LOSS_TERMS, terms)), "lr": lr, "grad_norm": _float(run.engine.get_global_grad_norm()),
             "samples_per_s": cfg.micro_batch_size * cfg.grad_accum * world / elapsed,
-            "tokens_per_s": tokens * world / elapsed, "dropped_samples": int(round(dropped * world)),
-            "epoch": run.sampler.epoch}
+            "tokens_per_s": tokens * world / elapsed, "padding_fraction": 1 - tokens / slots,
+            "dropped_samples": int(round(dropped * world)), "epoch": run.sampler.epoch}
 
 
 def finish(run: Run, cfg, step: int, metrics: MetricsLog) -> None:

@@ -14,6 +14,12 @@ __iter__ would be wrong: DataLoader workers prefetch indices ahead of training. 
 global order, so interrupted + resumed runs see exactly the uninterrupted sequence. Because
 `consumed` is global, a resume may even change world_size (as long as it divides `consumed`).
 
+Length grouping (`group_by_length`): the permutation is cut into runs of `group_size` consecutive entries,
+a size that does not depend on world_size, and each run is ordered longest first (equal lengths keep their
+order). The micro-batches cut from a run then hold samples of similar length, so less padding; the global
+order stays a function of (seed, epoch, lengths, group_size) alone, so resuming stays exact, on any number of
+ranks.
+
 Epoch loop:  for epoch in range(start_epoch, epochs): sampler.set_epoch(epoch); for batch in loader: ...
 set_epoch(e) with e == the current epoch keeps `consumed` (the resume case); a new epoch resets it.
 """
@@ -42,6 +48,7 @@ class ResumableDistributedSampler(torch.utils.data.Sampler[int]):
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
         self.epoch = 0
         self.consumed = 0  # samples consumed this epoch, summed over all ranks
+        self.lengths, self.group_size = None, None  # set by group_by_length
 
     @property
     def total_size(self) -> int:
@@ -57,9 +64,25 @@ class ResumableDistributedSampler(torch.utils.data.Sampler[int]):
             order = torch.randperm(self.num_samples, generator=generator)
         else:
             order = torch.arange(self.num_samples)
+        if self.lengths is not None:
+            order = self._grouped_by_length(order)
         if self.total_size > self.num_samples:  # pad by wrapping around (repeat as often as needed)
             order = order.repeat(-(-self.total_size // self.num_samples))
         return order[: self.total_size]
+
+    def group_by_length(self, lengths, group_size: int) -> None:
+        """From now on, order each run of group_size consecutive entries of the permutation longest first.
+        lengths: one (estimated) length per sample."""
+        lengths = torch.as_tensor(lengths, dtype=torch.long)
+        if lengths.shape != (self.num_samples,):
+            raise ValueError(f"need one length per sample: {self.num_samples} samples, {lengths.numel()} lengths")
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        self.lengths, self.group_size = lengths, group_size
+
+    def _grouped_by_length(self, order: torch.Tensor) -> torch.Tensor:
+        runs = order.split(self.group_size)
+        return torch.cat([run[torch.argsort(self.lengths[run], descending=True, stable=True)] for run in runs])
 
     def __iter__(self):
         # Materialised now: the start point is `consumed` at the moment the DataLoader asks.

@@ -5,7 +5,9 @@ Layout of OUTDIR after a run:
                         samples, `KEY.<ext>` (the original file bytes; re-encoded only when resized).
                         KEY = the sample's running index over all inputs, "%09d".
   rejects.jsonl         one {"id", "reason", "index"} per rejected sample (codes: recipe/data/validate.py)
-  index.json            wids shard index (relative URLs) + "stats"; written last.
+  index.json            wids shard index (relative URLs) + "stats" + "sample_sizes" (per kept sample, in
+                        order: "text_chars", the characters of its turns, and "images", its image count;
+                        what recipe/data/lengths.py estimates token lengths from); written last.
 
 Crash safety: every file is written to NAME.tmp, fsynced and renamed, and index.json (removed at
 the start of a run) appears only after all shards are in place. A directory without index.json is
@@ -76,6 +78,11 @@ def load_records(json_files: list[str]) -> list:
     return records
 
 
+def text_chars(record: dict) -> int:
+    """The characters of a sample's turns: with its image count, what its token length is estimated from."""
+    return sum(len(turn["value"]) for turn in record["conversations"])
+
+
 def _parse_json(text: str, where: str):
     try:
         return json.loads(text)
@@ -109,7 +116,8 @@ def prepare_sample(indexed_record, *, image_root: str, max_image_side: int | Non
     except Reject as reject:
         sample_id = record.get("id") if isinstance(record, dict) else None
         return "reject", {"id": sample_id, "reason": reject.reason, "index": index}
-    info = {"has_image": has_image(record), "rounds": len(record["conversations"]) // 2, "resized": resized}
+    info = {"has_image": has_image(record), "rounds": len(record["conversations"]) // 2, "resized": resized,
+            "text_chars": text_chars(record)}
     return "keep", members, info
 
 
@@ -191,6 +199,7 @@ def convert_to_shards(
 
     prepare = partial(prepare_sample, image_root=image_root, max_image_side=max_image_side)
     shardlist, rejects = [], []
+    sizes = {"text_chars": [], "images": []}  # per kept sample
     stats = {"with_image": 0, "text_only": 0, "rounds": 0, "multi_round": 0, "max_rounds": 0, "resized_images": 0}
     tar = None  # the shard being written
     with tqdm(total=len(records), unit="sample", desc="shards", disable=not progress) as bar:
@@ -207,6 +216,8 @@ def convert_to_shards(
                 tar.addfile(_tar_member(member_name, len(data)), io.BytesIO(data))
             shardlist[-1]["nsamples"] += 1
             _count(stats, info)
+            sizes["text_chars"].append(info["text_chars"])
+            sizes["images"].append(int(info["has_image"]))
             if shardlist[-1]["nsamples"] == samples_per_shard:
                 _close_shard(tar)
                 tar = None
@@ -228,9 +239,17 @@ def convert_to_shards(
         raise NothingKept(f"no sample kept out of {len(records)} ({reasons}); see {out_dir}/{REJECTS_NAME}")
     _remove_stale_shards(out_dir, {shard["url"] for shard in shardlist})
     index = {"__kind__": INDEX_KIND, "wids_version": 1, "shardlist": shardlist, "stats": stats}
-    write_atomically(os.path.join(out_dir, INDEX_NAME), (json.dumps(index, indent=1) + "\n").encode())
+    write_atomically(os.path.join(out_dir, INDEX_NAME), _index_json(index, sizes).encode())
     _fsync_dir(out_dir)
     return stats
+
+
+def _index_json(index: dict, sizes: dict) -> str:
+    """index.json's text: indented, except the per-sample size lists, one line each (665K samples would
+    otherwise take a line per number)."""
+    lists = ",\n".join(f"  {json.dumps(key)}: {json.dumps(values, separators=(',', ':'))}"
+                        for key, values in sizes.items())
+    return json.dumps(index, indent=1)[:-2] + f',\n "sample_sizes": {{\n{lists}\n }}\n}}\n'
 
 
 def _map_in_order(fn, items, workers: int):

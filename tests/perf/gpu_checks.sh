@@ -35,4 +35,8 @@ python tests/perf/bench_dbild.py --rows 4096 --repeats 10 \
 status=$((status | PIPESTATUS[0]))
 python tests/perf/bench_dbild.py --rows 4096 --inputs peaked 2>&1 | tee "$out/peaked.log"
 status=$((status | PIPESTATUS[0]))
+
+# One optimizer step of the recipe at the TinyLLaVA shape (tests/perf/step_checks.sh, issue #14).
+bash tests/perf/step_checks.sh
+status=$((status | $?))
 exit $status
