@@ -9,6 +9,7 @@ Rerunning the same command resumes from the newest complete checkpoint in output
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -29,9 +30,17 @@ from recipe.distributed import (
     seed_everything,
     world_size,
 )
-from recipe.engine import deepspeed_config, param_groups, parameter_counts, warmup_cosine, zero3_loading
+from recipe.engine import (
+    deepspeed_config,
+    param_groups,
+    parameter_counts,
+    warmup_cosine,
+    whole_loading,
+    zero3_loading,
+)
 from recipe.files import write_atomically
 from recipe.metrics import MetricsLog
+from recipe.resume import plan_resume, prepare_universal, run_state
 
 LOSS_TERMS = ("loss", "ce", "align", "vsd")
 
@@ -55,7 +64,9 @@ def auto_precision() -> str:
     return "fp32"
 
 
-def build_models(cfg, precision):
+def build_models(cfg, precision, zero3=None):
+    """Student, teacher (None for SFT) and tokenizer. zero3: ZeRO-3's partitioned loading (zero3_loading);
+    a replicated teacher is loaded whole regardless, and placed on this rank's device by hand."""
     from recipe.models import check_pair, enable_switch_checkpointing, load_tokenizer, load_vlm
 
     for role in ("student", "teacher"):
@@ -69,7 +80,11 @@ def build_models(cfg, precision):
         # Checked on configs and tokenizers before any weights are loaded.
         check_pair(AutoConfig.from_pretrained(cfg.teacher.path), AutoConfig.from_pretrained(cfg.student.path),
                    load_tokenizer(cfg.teacher.path), tokenizer)
-        teacher = load_vlm(cfg.teacher.path, precision=precision, attention=cfg.attention)
+        with whole_loading(zero3) if cfg.teacher_placement == "replicated" else contextlib.nullcontext():
+            teacher = load_vlm(cfg.teacher.path, precision=precision, attention=cfg.attention)
+        if cfg.teacher_placement == "replicated":  # outside the engine, which would otherwise move it
+            from deepspeed.accelerator import get_accelerator
+            teacher.to(get_accelerator().current_device_name())
     student = load_vlm(cfg.student.path, precision=precision, attention=cfg.attention)
     if not cfg.train_vision_tower:
         student.model.vision_tower.requires_grad_(False)
@@ -85,7 +100,11 @@ def build_data(cfg, student, tokenizer):
     from recipe.models import image_token_count, load_image_processor, same_preprocessing
 
     dataset = ShardDataset(cfg.data.train)
-    sampler = ResumableDistributedSampler(len(dataset), rank=rank(), world_size=world_size(), seed=cfg.seed)
+    # One global order whatever the number of ranks, cut into optimizer steps and micro-batches of fixed
+    # sizes: a run resumed on another number of ranks continues it (recipe/resume.py).
+    sampler = ResumableDistributedSampler(len(dataset), rank=rank(), world_size=world_size(), seed=cfg.seed,
+                                          drop_last=True, micro_batch_size=cfg.micro_batch_size,
+                                          step_size=cfg.micro_batch_size * cfg.grad_accum * world_size())
     student_processor = load_image_processor(cfg.student.path)
     teacher_processor = load_image_processor(cfg.teacher.path) if cfg.distill else None
     if teacher_processor is not None and same_preprocessing(teacher_processor, student_processor):
@@ -97,19 +116,16 @@ def build_data(cfg, student, tokenizer):
 
 
 def plan_steps(cfg, num_samples: int, world: int) -> int:
-    """Optimizer steps of the run: max_steps, or epochs x steps per epoch. Each rank must get at least one
-    micro-batch per epoch (otherwise every epoch would yield nothing and the loop would wait forever)."""
-    per_rank = -(-num_samples // world)
-    if per_rank < cfg.micro_batch_size:
-        raise ConfigError(f"data.train has {num_samples} samples, {per_rank} per rank on {world} ranks: fewer than "
-                          f"micro_batch_size={cfg.micro_batch_size}; lower micro_batch_size or add data")
+    """Optimizer steps of the run: max_steps, or epochs x steps per epoch. An epoch is a whole number of
+    optimizer steps (the sampler cuts its order there), so it must hold at least one."""
+    global_batch = cfg.micro_batch_size * cfg.grad_accum * world
+    steps_per_epoch = num_samples // global_batch
+    if steps_per_epoch == 0:
+        raise ConfigError(f"one optimizer step takes micro_batch_size x grad_accum x ranks = {cfg.micro_batch_size} "
+                          f"x {cfg.grad_accum} x {world} = {global_batch} samples, data.train has {num_samples}; "
+                          f"lower micro_batch_size or grad_accum, or add data")
     if cfg.max_steps:
         return cfg.max_steps
-    steps_per_epoch = num_samples // (cfg.micro_batch_size * world) // cfg.grad_accum
-    if steps_per_epoch == 0:
-        raise ConfigError(f"epochs: one optimizer step takes micro_batch_size x grad_accum x ranks = "
-                          f"{cfg.micro_batch_size * cfg.grad_accum * world} samples, data.train has {num_samples}; "
-                          f"lower grad_accum or give max_steps")
     return max(1, int(cfg.epochs * steps_per_epoch))
 
 
@@ -181,19 +197,22 @@ class Run:
     data: object  # micro-batches, forever (batches())
     max_steps: int
     zero3_loading: object  # ZeRO-3's partitioned loading, kept alive for the run (transformers holds a weak ref)
+    comms: object = None  # recipe.comms.CommsMeter with log_comms: each step's collectives
 
 
-def build_run(cfg, precision: str) -> Run:
+def build_run(cfg, precision: str, load_universal: bool = False) -> Run:
     """Models, data and the one DeepSpeed engine over the trainable student and the frozen teacher (the
-    optimizer sees the student only). A bad pair, path or size raises ConfigError, before any training."""
+    optimizer sees the student only; a replicated teacher is held outside it). A bad pair, path or size
+    raises ConfigError, before any training. load_universal: the engine resumes from a universal checkpoint."""
     import deepspeed
 
+    from recipe.comms import CommsMeter
     from recipe.models import SwitchKDModel
 
     try:
-        ds_config = deepspeed_config(cfg, precision)
-        zero3 = zero3_loading(ds_config)  # ZeRO-3: no rank ever holds a whole model
-        student, teacher, tokenizer = build_models(cfg, precision)
+        ds_config = deepspeed_config(cfg, precision, load_universal=load_universal)
+        zero3 = zero3_loading(ds_config)  # ZeRO-3: no rank ever holds a whole model (unless replicated)
+        student, teacher, tokenizer = build_models(cfg, precision, zero3)
         dataset, sampler, collator = build_data(cfg, student, tokenizer)
         max_steps = plan_steps(cfg, len(dataset), world_size())
     except ConfigError:
@@ -205,12 +224,14 @@ def build_run(cfg, precision: str) -> Run:
         print(f"[train] loaded student {s_total / 1e6:.1f}M and teacher {t_total / 1e6:.1f}M parameters; "
               f"rank 0 holds {(s_here + t_here) / (s_total + t_total):.0%} of them", flush=True)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=SwitchKDModel(student, teacher, cfg.loss), model_parameters=param_groups(student, cfg.optim.weight_decay),
+        model=SwitchKDModel(student, teacher, cfg.loss, teacher_placement=cfg.teacher_placement),
+        model_parameters=param_groups(student, cfg.optim.weight_decay),
         config=ds_config, lr_scheduler=lambda opt: warmup_cosine(opt, warmup_steps=cfg.optim.warmup_steps,
                                                                  max_steps=max_steps,
                                                                  min_lr_ratio=cfg.optim.min_lr_ratio))
     return Run(engine=engine, scheduler=scheduler, student=student, tokenizer=tokenizer, sampler=sampler,
-               data=batches(dataset, sampler, collator, cfg), max_steps=max_steps, zero3_loading=zero3)
+               data=batches(dataset, sampler, collator, cfg), max_steps=max_steps, zero3_loading=zero3,
+               comms=CommsMeter() if cfg.log_comms else None)
 
 
 def train_step(run: Run, cfg) -> dict:
@@ -218,6 +239,8 @@ def train_step(run: Run, cfg) -> dict:
     and the LR schedule at the accumulation boundary. Returns the step's record, averaged over the ranks."""
     started = time.time()
     world = world_size()
+    if run.comms is not None:
+        run.comms.reset()  # only this step's collectives (not an evaluation's or a checkpoint's)
     lr = run.scheduler.get_last_lr()[0]  # the LR this step uses
     sums = dict.fromkeys(LOSS_TERMS, 0.0)
     tokens = dropped = 0
@@ -236,10 +259,13 @@ def train_step(run: Run, cfg) -> dict:
             sums[key] += value / cfg.grad_accum
     *terms, tokens, dropped = all_reduce_mean([*sums.values(), tokens, dropped], run.engine.device)
     elapsed = time.time() - started
-    return {**dict(zip(LOSS_TERMS, terms)), "lr": lr, "grad_norm": _float(run.engine.get_global_grad_norm()),
-            "samples_per_s": cfg.micro_batch_size * cfg.grad_accum * world / elapsed,
-            "tokens_per_s": tokens * world / elapsed, "dropped_samples": int(round(dropped * world)),
-            "epoch": run.sampler.epoch}
+    record = {**dict(zip(LOSS_TERMS, terms)), "lr": lr, "grad_norm": _float(run.engine.get_global_grad_norm()),
+              "samples_per_s": cfg.micro_batch_size * cfg.grad_accum * world / elapsed,
+              "tokens_per_s": tokens * world / elapsed, "dropped_samples": int(round(dropped * world)),
+              "epoch": run.sampler.epoch}
+    if run.comms is not None:
+        record["comms"] = run.comms.read()  # this rank's (rank 0 writes the record)
+    return record
 
 
 def finish(run: Run, cfg, step: int, metrics: MetricsLog) -> None:
@@ -276,20 +302,33 @@ def main(argv=None):
     seed_everything(cfg.seed)
     is_main = rank() == 0
 
+    # ---- resume plan, before anything is loaded: the checkpoint's global batch on this number of ranks
+    checkpoint_dir = os.path.join(cfg.output_dir, "checkpoints")
+    tag = latest_tag(checkpoint_dir)
+    plan = None
+    if tag is not None:
+        try:
+            plan = plan_resume(cfg, checkpoint_dir, tag, world_size())
+        except ConfigError as e:
+            sys.exit(f"config error: {e}")
+        cfg = plan.config  # grad_accum recomputed to keep the global batch
+        if is_main and plan.startup_line():
+            print(f"[train] {plan.startup_line()}", flush=True)
+        if plan.universal:
+            prepare_universal(checkpoint_dir, tag)
+
     # ---- models, data and engine
     try:
-        run = build_run(cfg, precision)
+        run = build_run(cfg, precision, load_universal=plan is not None and plan.universal)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     engine = run.engine
 
     # ---- resume
     os.makedirs(cfg.output_dir, exist_ok=True)
-    checkpoint_dir = os.path.join(cfg.output_dir, "checkpoints")
     step = 0
-    tag = latest_tag(checkpoint_dir)
-    if tag is not None:
-        state = load_checkpoint(engine, checkpoint_dir, tag)
+    if plan is not None:
+        state = load_checkpoint(engine, checkpoint_dir, tag, universal=plan.universal)
         step = state["step"]
         run.sampler.load_state_dict(state["sampler"])
         if is_main:
@@ -318,7 +357,7 @@ def main(argv=None):
 
         stopping = any_rank(stop.requested, engine.device)
         if step % cfg.save_every == 0 or stopping or step == run.max_steps:
-            save_checkpoint(engine, checkpoint_dir, step, {"step": step, "sampler": run.sampler.state_dict()},
+            save_checkpoint(engine, checkpoint_dir, step, run_state(cfg, step, run.sampler.state_dict(), world_size()),
                             cfg.keep_checkpoints)
         if stopping and step < run.max_steps:
             if is_main:

@@ -1,0 +1,288 @@
+"""Communication of a training step: measured with DeepSpeed's comms logger, and modelled (docs/scaling.md).
+
+Measured: with `log_comms: true` the engine logs every collective of deepspeed.comm; `CommsMeter` reads what
+one step sent, per collective, as the logger counts it on this rank: calls, and bytes = the message size, i.e.
+the tensor this rank hands to the collective (its partition for an all-gather; the whole buffer for a
+reduce-scatter or an all-reduce).
+
+Modelled: `predict_step` gives the same figures from the two models' parameters, how ZeRO partitions them,
+the passes that use them and grad_accum. What DeepSpeed 0.19.8 does, as measured at the demo shape:
+- ZeRO-2: per micro-step one all-reduce of the gradients (bucketed); per step one all-gather of the
+  student's updated partitions. No parameter gathers: parameters are never partitioned.
+- ZeRO-3: a partitioned parameter is all-gathered when a module that holds it runs (forward, backward, or a
+  gradient checkpointing recomputation) and released after it, unless it is used again within
+  stage3_max_reuse_distance parameters of the module trace; everything is released at the end of each
+  micro-step. Parameters of at most stage3_param_persistence_threshold elements are never partitioned for
+  use: they are all-gathered once per step, after the optimizer step (all of them, the teacher's too). Per
+  micro-step, the gradients are reduce-scattered. The first step after every start records the module trace
+  and gathers more; the model describes the steps after it.
+- The passes (recipe/models/switch.py): the student's modules run forward and backward (its vision tower's
+  parts after the selected feature layer, forward only); a sharded teacher runs the teacher pass (all of it,
+  forward), and for VSD the switch pass: projector, embedding, decoder layers, final norm and LM head
+  forward, and all but the embedding backward (into E_S). Checkpointed layers run forward once more in the
+  backward, up to their MLP's output projection (non-reentrant checkpointing recomputes only what the
+  backward needs). A replicated teacher is outside ZeRO: none of its parameters are gathered.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class CommsMeter:
+    """Collectives from DeepSpeed's comms logger between reset() and read()."""
+
+    def __init__(self):
+        from deepspeed.comm import comms_logger
+
+        self.logger = comms_logger
+
+    def reset(self) -> None:
+        self.logger.reset_data()  # also keeps its per-call latency lists short
+
+    def read(self) -> dict[str, dict[str, int]]:
+        """{collective: {"calls": n, "bytes": message bytes}} since reset()."""
+        record = {}
+        for name, by_size in sorted(self.logger.get_raw_data().items()):
+            calls = sum(entry[0] for entry in by_size.values())
+            record[name] = {"calls": calls, "bytes": sum(size * entry[0] for size, entry in by_size.items())}
+        return record
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model's parameters, in the blocks the passes run them in
+
+
+@dataclass(frozen=True)
+class Block:
+    """Parameters a pass runs together (a decoder layer, an embedding, a projector, a head): the element counts
+    of each module's own parameters, in the order the modules run (ZeRO-3 gathers per module)."""
+    name: str
+    modules: tuple[tuple[int, ...], ...]
+    backward: bool = True  # the loss backpropagates through it
+    checkpointed: bool = False  # gradient checkpointing runs it forward again inside its backward
+    trainable: bool = True
+
+    @property
+    def numels(self) -> tuple[int, ...]:
+        return tuple(n for module in self.modules for n in module)
+
+    @property
+    def numel(self) -> int:
+        return sum(self.numels)
+
+
+@dataclass(frozen=True)
+class VLMBlocks:
+    vision: tuple[Block, ...]  # embeddings, encoder layers, then forward-only parts (post-norm, pooling head)
+    projector: Block
+    embed: Block
+    layers: tuple[Block, ...]
+    norm: Block
+    head: Block
+
+    def all(self) -> tuple[Block, ...]:
+        return (*self.vision, self.projector, self.embed, *self.layers, self.norm, self.head)
+
+    def numel(self) -> int:
+        return sum(block.numel for block in self.all())
+
+
+def _numel(param) -> int:
+    return getattr(param, "ds_numel", param.numel())  # a ZeRO-3 partitioned parameter is empty between uses
+
+
+def _modules_in_order(module) -> list:
+    """The submodules holding parameters of their own, in the order a pre-norm layer runs them: registration
+    order, with the k-th norm moved before the k-th other child (input_layernorm before self_attn,
+    post_attention_layernorm before mlp; layer_norm1 / layer_norm2 in SigLIP and CLIP)."""
+    children = list(module.named_children())
+    norms = [c for name, c in children if "norm" in name]
+    others = [c for name, c in children if "norm" not in name]
+    if len(norms) == len(others) > 1:
+        ordered = [m for pair in zip(norms, others) for m in pair]
+    else:
+        ordered = [c for _, c in children]
+    own = [module] if any(True for _ in module.parameters(recurse=False)) else []
+    return own + [m for child in ordered for m in _modules_in_order(child)]
+
+
+def _block(name, module, **kwargs) -> Block:
+    return Block(name, tuple(tuple(_numel(p) for p in m.parameters(recurse=False)) for m in _modules_in_order(module)),
+                 **kwargs)
+
+
+def vlm_blocks(vlm, *, trainable: bool, checkpointing: bool, train_vision_tower: bool = True) -> VLMBlocks:
+    """The blocks of a LlavaForConditionalGeneration (loaded, partitioned, or built on the meta device).
+    trainable: the student; checkpointing: gradient checkpointing of its decoder layers (and of the student's
+    vision encoder layers, which train.build_models checkpoints with the rest of the student)."""
+    from recipe.models.loading import vision_feature_layers
+
+    role = "student" if trainable else "teacher"
+    tower = vlm.model.vision_tower
+    tower = getattr(tower, "vision_model", tower)
+    layers = tower.encoder.layers
+    # hidden_states[k] is the output of encoder layer k-1 (0: the embeddings): layers past the deepest selected
+    # one run forward only, like the post-norm and the pooling head.
+    used = max(k % (len(layers) + 1) for k in vision_feature_layers(vlm.config))
+    grad = trainable and train_vision_tower
+    tail = [m for name, m in tower.named_children() if name in ("post_layernorm", "head")]
+    vision = (_block(f"{role}.vision.embeddings", tower.embeddings, backward=grad, trainable=grad),
+              *(_block(f"{role}.vision.layers.{i}", layer, checkpointed=checkpointing and grad and i < used,
+                       backward=grad and i < used, trainable=grad) for i, layer in enumerate(layers)),
+              Block(f"{role}.vision.tail", tuple(module for m in tail for module in _block("", m).modules),
+                    backward=False, trainable=grad))
+    language = vlm.model.language_model
+    return VLMBlocks(
+        vision=vision,
+        projector=_block(f"{role}.projector", vlm.model.multi_modal_projector, trainable=trainable),
+        # A frozen embedding has no backward: its input is token ids (and see enable_switch_checkpointing).
+        embed=_block(f"{role}.embed", language.embed_tokens, backward=trainable, trainable=trainable),
+        layers=tuple(_block(f"{role}.layers.{i}", layer, checkpointed=checkpointing, trainable=trainable)
+                     for i, layer in enumerate(language.layers)),
+        norm=_block(f"{role}.norm", language.norm, trainable=trainable),
+        head=_block(f"{role}.head", vlm.lm_head, trainable=trainable))
+
+
+# ---------------------------------------------------------------------------------------------------
+# One micro-step's module trace and what ZeRO sends for it
+
+
+@dataclass(frozen=True)
+class Use:
+    """One module of a block running in one phase (forward | backward | recompute). encloses: the number of
+    recompute uses that follow and run inside this backward (a checkpointed layer's last module)."""
+    block: Block
+    module: int
+    phase: str
+    encloses: int = 0
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.block.name, self.module
+
+    @property
+    def numels(self) -> tuple[int, ...]:
+        return self.block.modules[self.module]
+
+
+def micro_step_trace(student: VLMBlocks, teacher: VLMBlocks | None, *, switch: bool) -> list[Use]:
+    """The modules one micro-step runs, in order: student pass, teacher pass, switch pass, the LM heads
+    (student, teacher, switch), then the backward, which autograd runs from the most recently built nodes: the
+    switch branch down to E_S's output first, then the student. A checkpointed layer's backward starts at its
+    last module, whose saved input makes it run the layer forward again first. teacher: None when ZeRO does
+    not hold it (replicated, or plain SFT)."""
+    def fwd(*blocks):
+        return [Use(b, m, "forward") for b in blocks for m in range(len(b.modules))]
+
+    def bwd(*blocks):
+        uses = []
+        for b in blocks:
+            if not b.backward:
+                continue
+            last, n = len(b.modules) - 1, len(b.modules) if b.checkpointed else 0
+            uses.append(Use(b, last, "backward", encloses=n))
+            uses += [Use(b, m, "recompute") for m in range(n)]
+            uses += [Use(b, m, "backward") for m in reversed(range(last))]
+        return uses
+
+    s, t = student, teacher
+    trace = fwd(*s.vision, s.projector, s.embed, *s.layers, s.norm)
+    if t is not None:
+        trace += fwd(*t.vision, t.projector, t.embed, *t.layers, t.norm)
+        if switch:
+            trace += fwd(t.projector, t.embed, *t.layers, t.norm)
+        trace += fwd(s.head, t.head) + (fwd(t.head) if switch else [])
+        trace += bwd(t.head, s.head, t.norm, *reversed(t.layers), t.embed, t.projector) if switch else bwd(s.head)
+    else:
+        trace += fwd(s.head) + bwd(s.head)
+    return trace + bwd(s.norm, *reversed(s.layers), s.embed, s.projector, *reversed(s.vision))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the run is laid out: ranks, ZeRO stage and its settings, element sizes."""
+    world: int
+    zero_stage: int
+    grad_accum: int
+    param_bytes: int  # 2 for bf16 / fp16, 4 for fp32
+    grad_bytes: int
+    persistence_threshold: int = 100_000  # stage3_param_persistence_threshold
+    reuse_distance: int = 1_000_000_000  # stage3_max_reuse_distance
+
+    @classmethod
+    def from_ds_config(cls, ds: dict, world: int):
+        zero = ds.get("zero_optimization", {})
+        size = 2 if ds.get("bf16", {}).get("enabled") is True or ds.get("fp16", {}).get("enabled") is True else 4
+        return cls(world=world, zero_stage=zero.get("stage", 0), grad_accum=ds["gradient_accumulation_steps"],
+                   param_bytes=size, grad_bytes=size,
+                   persistence_threshold=int(zero.get("stage3_param_persistence_threshold", 100_000)),
+                   reuse_distance=int(zero.get("stage3_max_reuse_distance", 1_000_000_000)))
+
+    def partition(self, numel: int) -> int:
+        """A rank's share of a parameter (ZeRO pads parameters to a multiple of the ranks)."""
+        return -(-numel // self.world)
+
+
+def gathers(trace: list[Use], layout: Layout) -> dict[str, list[int]]:
+    """Element counts of the parameters all-gathered for one micro-step, by block, under ZeRO-3's release rule:
+    after a module runs, its parameters stay gathered when their next use comes before reuse_distance elements
+    of the trace have gone by, and while a backward that uses them is still running (a checkpointed layer's
+    recomputation runs inside the backward of its last module). A frozen module's recomputed parameters are
+    released with that backward, whatever comes next. Persistent (small) parameters are never gathered for a
+    use."""
+    held, out = set(), {}
+    active: dict[tuple, int] = {}  # module -> trace index where the backward it runs inside ends
+    forced: dict[int, list[tuple]] = {}  # trace index -> frozen recomputed modules released there
+    enclosing_end = -1
+    for i, use in enumerate(trace):
+        if use.key not in held:
+            gathered = [n for n in use.numels if n > layout.persistence_threshold]
+            if gathered:
+                out.setdefault(use.block.name, []).extend(gathered)
+            held.add(use.key)
+        decide = []
+        if use.encloses:
+            enclosing_end = active[use.key] = i + use.encloses
+        elif use.key not in active:
+            decide.append(use.key)
+        if use.phase == "recompute" and not use.block.trainable:
+            forced.setdefault(enclosing_end, []).append(use.key)
+        decide += [key for key, end in active.items() if end == i]
+        for key in decide:
+            active.pop(key, None)
+            if not _used_again_soon(trace, i, key, layout.reuse_distance):
+                held.discard(key)
+        held.difference_update(forced.pop(i, []))
+    return out
+
+
+def _used_again_soon(trace: list[Use], i: int, key: tuple, reuse_distance: int) -> bool:
+    traversed = 0
+    for later in trace[i + 1:]:
+        if traversed >= reuse_distance:
+            return False
+        if later.key == key:
+            return True
+        traversed += sum(later.numels)
+    return False
+
+
+def predict_step(student: VLMBlocks, teacher: VLMBlocks | None, layout: Layout, *, switch: bool,
+                 placement: str) -> dict[str, int]:
+    """Bytes per rank per optimizer step, by collective, as DeepSpeed's comms logger counts them (without the
+    few scalar all-reduces of the gradient norm), for the steps after the first. teacher: None for plain SFT;
+    placement: sharded | replicated (recipe.config.TeacherPlacement)."""
+    grads = sum(layout.partition(n) * layout.world for b in student.all() if b.trainable and b.backward
+                for n in b.numels)
+    if layout.zero_stage == 2:
+        trainable = sum(n for b in student.all() if b.trainable for n in b.numels)
+        return {"all_reduce": layout.grad_accum * grads * layout.grad_bytes,
+                "all_gather_into_tensor": layout.partition(trainable) * layout.param_bytes}
+    held_by_zero = teacher if placement == "sharded" else None
+    trace = micro_step_trace(student, held_by_zero, switch=switch)
+    per_micro = sum(layout.partition(n) for numels in gathers(trace, layout).values() for n in numels)
+    persistent = [n for m in (student, held_by_zero) if m is not None for b in m.all() for n in b.numels
+                  if n <= layout.persistence_threshold]
+    return {"all_gather_into_tensor": (layout.grad_accum * per_micro + sum(layout.partition(n) for n in persistent))
+            * layout.param_bytes,
+            "reduce_scatter_tensor": layout.grad_accum * grads * layout.grad_bytes}
