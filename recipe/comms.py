@@ -208,6 +208,7 @@ class Layout:
     grad_bytes: int
     persistence_threshold: int = 100_000  # stage3_param_persistence_threshold
     reuse_distance: int = 1_000_000_000  # stage3_max_reuse_distance
+    hpz: int = 1  # zero_hpz_partition_size: ranks of one secondary partition (ZeRO++ hpZ)
 
     @classmethod
     def from_ds_config(cls, ds: dict, world: int):
@@ -216,7 +217,8 @@ class Layout:
         return cls(world=world, zero_stage=zero.get("stage", 0), grad_accum=ds["gradient_accumulation_steps"],
                    param_bytes=size, grad_bytes=size,
                    persistence_threshold=int(zero.get("stage3_param_persistence_threshold", 100_000)),
-                   reuse_distance=int(zero.get("stage3_max_reuse_distance", 1_000_000_000)))
+                   reuse_distance=int(zero.get("stage3_max_reuse_distance", 1_000_000_000)),
+                   hpz=int(zero.get("zero_hpz_partition_size", 1)))
 
     def partition(self, numel: int) -> int:
         """A rank's share of a parameter (ZeRO pads parameters to a multiple of the ranks)."""
@@ -267,22 +269,66 @@ def _used_again_soon(trace: list[Use], i: int, key: tuple, reuse_distance: int) 
     return False
 
 
+def _in_zero(teacher: VLMBlocks | None, placement: str) -> VLMBlocks | None:
+    return teacher if placement == "sharded" else None  # a replicated teacher is outside ZeRO
+
+
+def gathered_per_step(student: VLMBlocks, teacher: VLMBlocks | None, layout: Layout, *, switch: bool,
+                      placement: str) -> dict[str, list[int]]:
+    """ZeRO-3: the element counts of every parameter all-gathered in one optimizer step, by block: grad_accum
+    micro-steps of gathers for the passes, then the refresh of the persistent parameters after the step."""
+    held_by_zero = _in_zero(teacher, placement)
+    out = {}
+    for name, numels in gathers(micro_step_trace(student, held_by_zero, switch=switch), layout).items():
+        out[name] = numels * layout.grad_accum
+    for blocks in (student, held_by_zero):
+        for block in blocks.all() if blocks is not None else ():
+            out.setdefault(block.name, []).extend(n for n in block.numels if n <= layout.persistence_threshold)
+    return out
+
+
 def predict_step(student: VLMBlocks, teacher: VLMBlocks | None, layout: Layout, *, switch: bool,
                  placement: str) -> dict[str, int]:
     """Bytes per rank per optimizer step, by collective, as DeepSpeed's comms logger counts them (without the
     few scalar all-reduces of the gradient norm), for the steps after the first. teacher: None for plain SFT;
-    placement: sharded | replicated (recipe.config.TeacherPlacement)."""
+    switch: the VSD pass runs; placement: sharded | replicated (recipe.config.TeacherPlacement)."""
     grads = sum(layout.partition(n) * layout.world for b in student.all() if b.trainable and b.backward
                 for n in b.numels)
     if layout.zero_stage == 2:
         trainable = sum(n for b in student.all() if b.trainable for n in b.numels)
         return {"all_reduce": layout.grad_accum * grads * layout.grad_bytes,
                 "all_gather_into_tensor": layout.partition(trainable) * layout.param_bytes}
-    held_by_zero = teacher if placement == "sharded" else None
-    trace = micro_step_trace(student, held_by_zero, switch=switch)
-    per_micro = sum(layout.partition(n) for numels in gathers(trace, layout).values() for n in numels)
-    persistent = [n for m in (student, held_by_zero) if m is not None for b in m.all() for n in b.numels
-                  if n <= layout.persistence_threshold]
-    return {"all_gather_into_tensor": (layout.grad_accum * per_micro + sum(layout.partition(n) for n in persistent))
-            * layout.param_bytes,
+    numels = gathered_per_step(student, teacher, layout, switch=switch, placement=placement).values()
+    return {"all_gather_into_tensor": sum(layout.partition(n) for ns in numels for n in ns) * layout.param_bytes,
             "reduce_scatter_tensor": layout.grad_accum * grads * layout.grad_bytes}
+
+
+def size(nbytes: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes:.0f} B"
+
+
+def placement_summary(student: VLMBlocks, teacher: VLMBlocks, layout: Layout, *, switch: bool,
+                      placement: str) -> str:
+    """The start-up line: where the teacher lives, its memory per GPU, and the parameter bytes all-gathered per
+    step for this placement (the gathered sizes; each rank receives (ranks - 1) / ranks of them)."""
+    numels = [n for block in teacher.all() for n in block.numels]
+    whole = sum(numels) * layout.param_bytes
+    if layout.zero_stage == 2:
+        return (f"teacher whole on every GPU (ZeRO-2 partitions no parameters): {size(whole)} per GPU; "
+                f"no parameter gathers")
+    gathered = gathered_per_step(student, teacher, layout, switch=switch, placement=placement)
+    by_role = {role: sum(n for name, ns in gathered.items() if name.startswith(role) for n in ns) * layout.param_bytes
+               for role in ("teacher", "student")}
+    gathers_line = (f"parameter all-gathers per step: teacher {size(by_role['teacher'])}, student "
+                    f"{size(by_role['student'])} (recipe/comms.py)")
+    if placement == "replicated":
+        return f"teacher replicated, outside ZeRO: {size(whole)} per GPU; {gathers_line}"
+    held = sum(n if n <= layout.persistence_threshold else layout.partition(n) for n in numels)
+    if layout.hpz > 1:  # ZeRO++ hpZ: a secondary partition of every parameter within each node
+        held += sum(-(-n // layout.hpz) for n in numels if n > layout.persistence_threshold)
+    return (f"teacher sharded by ZeRO-3 over {layout.world} ranks"
+            + (f" (hpZ: a second copy over each {layout.hpz} ranks)" if layout.hpz > 1 else "")
+            + f": {size(held * layout.param_bytes)} of its {size(whole)} per GPU; {gathers_line}")

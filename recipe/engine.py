@@ -84,6 +84,16 @@ def zero3_loading(ds_config: dict):
     return HfDeepSpeedConfig(ds_config)
 
 
+def before_partitioned_load() -> None:
+    """DeepSpeed 0.19.8's zero.Init creates ZeRO++'s node-level process group (hpZ, zero_hpz_partition_size
+    > 1) every time it runs and asserts that none exists yet, so the second partitioned load of a run (the
+    student after the teacher) would fail. Forgetting the previous one's group lets the next load create its
+    own: the parameters already loaded keep the group they were partitioned with, the engine uses the last."""
+    from deepspeed.utils import groups
+
+    groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
+
+
 @contextlib.contextmanager
 def whole_loading(zero3):
     """Inside, from_pretrained loads whole models even while ZeRO-3's partitioned loading (zero3_loading)

@@ -65,12 +65,16 @@ def grad_accum_keeping(global_batch: int, micro_batch_size: int, world: int) -> 
         return global_batch // per_micro_step
     ranks = [w for w in range(1, global_batch + 1) if global_batch % (micro_batch_size * w) == 0]
     micros = [m for m in range(1, global_batch + 1) if global_batch % (m * world) == 0]
+    ways = [f"resume on one of {ranks} ranks" if ranks else
+            f"no number of ranks keeps it with micro_batch_size={micro_batch_size}"]
+    if micros:
+        ways.append(f"set micro_batch_size to one of {micros}")
+    advice = "; ".join(ways)
     raise ConfigError(
         f"the checkpoint was trained with a global batch of {global_batch} samples per optimizer step, which "
         f"{world} ranks with micro_batch_size={micro_batch_size} cannot keep ({global_batch} is not a multiple of "
-        f"{micro_batch_size} x {world}). Resume on one of {ranks} ranks"
-        + (f", or set micro_batch_size to one of {micros}" if micros else "")
-        + " (grad_accum is recomputed to keep the global batch)")
+        f"{micro_batch_size} x {world}). {advice[0].upper()}{advice[1:]} (grad_accum is recomputed to keep the "
+        f"global batch)")
 
 
 @dataclass

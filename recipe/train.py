@@ -31,6 +31,7 @@ from recipe.distributed import (
     world_size,
 )
 from recipe.engine import (
+    before_partitioned_load,
     deepspeed_config,
     param_groups,
     parameter_counts,
@@ -80,11 +81,15 @@ def build_models(cfg, precision, zero3=None):
         # Checked on configs and tokenizers before any weights are loaded.
         check_pair(AutoConfig.from_pretrained(cfg.teacher.path), AutoConfig.from_pretrained(cfg.student.path),
                    load_tokenizer(cfg.teacher.path), tokenizer)
+        if zero3 is not None:
+            before_partitioned_load()
         with whole_loading(zero3) if cfg.teacher_placement == "replicated" else contextlib.nullcontext():
             teacher = load_vlm(cfg.teacher.path, precision=precision, attention=cfg.attention)
         if cfg.teacher_placement == "replicated":  # outside the engine, which would otherwise move it
             from deepspeed.accelerator import get_accelerator
             teacher.to(get_accelerator().current_device_name())
+    if zero3 is not None:
+        before_partitioned_load()
     student = load_vlm(cfg.student.path, precision=precision, attention=cfg.attention)
     if not cfg.train_vision_tower:
         student.model.vision_tower.requires_grad_(False)
@@ -223,6 +228,8 @@ def build_run(cfg, precision: str, load_universal: bool = False) -> Run:
         (s_total, s_here), (t_total, t_here) = parameter_counts(student), parameter_counts(teacher)
         print(f"[train] loaded student {s_total / 1e6:.1f}M and teacher {t_total / 1e6:.1f}M parameters; "
               f"rank 0 holds {(s_here + t_here) / (s_total + t_total):.0%} of them", flush=True)
+        if teacher is not None:
+            print(f"[train] {teacher_line(cfg, ds_config, student, teacher)}", flush=True)
     engine, _, _, scheduler = deepspeed.initialize(
         model=SwitchKDModel(student, teacher, cfg.loss, teacher_placement=cfg.teacher_placement),
         model_parameters=param_groups(student, cfg.optim.weight_decay),
@@ -232,6 +239,18 @@ def build_run(cfg, precision: str, load_universal: bool = False) -> Run:
     return Run(engine=engine, scheduler=scheduler, student=student, tokenizer=tokenizer, sampler=sampler,
                data=batches(dataset, sampler, collator, cfg), max_steps=max_steps, zero3_loading=zero3,
                comms=CommsMeter() if cfg.log_comms else None)
+
+
+def teacher_line(cfg, ds_config: dict, student, teacher) -> str:
+    """Where the teacher lives, its memory per GPU and the expected parameter gathers per step."""
+    from recipe.comms import Layout, placement_summary, vlm_blocks
+
+    checkpointing = cfg.gradient_checkpointing
+    return placement_summary(
+        vlm_blocks(student, trainable=True, checkpointing=checkpointing, train_vision_tower=cfg.train_vision_tower),
+        vlm_blocks(teacher, trainable=False, checkpointing=checkpointing),
+        Layout.from_ds_config(ds_config, world_size()), switch=cfg.loss.vsd_weight > 0,
+        placement=cfg.teacher_placement)
 
 
 def train_step(run: Run, cfg) -> dict:

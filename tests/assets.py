@@ -3,9 +3,11 @@ recipe.models.tiny, both loaded back through the user-facing code paths."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,6 +28,21 @@ def run_module(args: list[str], env: dict | None = None, timeout: int = 600,
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
+
+
+def run_until_stopped(cmd: list[str], out: str, after_steps: int, env: dict, timeout: int = 300) -> str:
+    """Run a training command in a session of its own, send SIGTERM to every process of it (as SLURM does on
+    preemption) once out/metrics.jsonl has `after_steps` lines, and return its output once it has exited."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= after_steps:
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    return proc.communicate(timeout=timeout)[0]
 
 
 def build_demo_assets(root: str, n_train: int = 96, n_eval: int = 24) -> dict:
