@@ -332,3 +332,144 @@ def placement_summary(student: VLMBlocks, teacher: VLMBlocks, layout: Layout, *,
     return (f"teacher sharded by ZeRO-3 over {layout.world} ranks"
             + (f" (hpZ: a second copy over each {layout.hpz} ranks)" if layout.hpz > 1 else "")
             + f": {size(held * layout.param_bytes)} of its {size(whole)} per GPU; {gathers_line}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Predicted step times beyond one node (docs/scaling.md)
+#
+#     python -m recipe.comms [--pair tinyllava 7b-2b] [--gpus 8 64 512] [--checkpointing]
+
+NVLINK = 900e9  # bytes/s per GPU inside a node
+NETWORK = 400e9 / 8  # bytes/s per GPU between nodes (400 Gb/s)
+GPUS_PER_NODE = 8
+# Measured on one H200 (SPEC's performance contract; recipe/configs/tinyllava_3b_to_0p5b.yaml's pair, random
+# init, micro-batch 8 x 1049 tokens, bf16, SDPA): a straightforward Switch-KD step and a plain SFT step.
+MEASURED_KD_S, MEASURED_SFT_S = 0.783, 0.210
+SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                     image_size=384, patch_size=14, vision_use_head=False)  # no pooling head, as TinyLLaVA
+QWEN = {  # the language models' shapes (untied LM heads, as in the measured pair)
+    "Qwen2-0.5B": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                       intermediate_size=4864, vocab_size=151936),
+    "Qwen2.5-1.5B": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                         intermediate_size=8960, vocab_size=151936),
+    "Qwen2.5-3B": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+                       intermediate_size=11008, vocab_size=151936),
+    "Qwen2.5-7B": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                       intermediate_size=18944, vocab_size=152064),
+}
+PAIRS = {"tinyllava": ("Qwen2-0.5B", "Qwen2.5-3B"), "7b-2b": ("Qwen2.5-1.5B", "Qwen2.5-7B")}  # (student, teacher)
+
+
+def meta_vlm(language: str):
+    """A SigLIP-so400m + `language` Llava VLM on the meta device: shapes only, no memory, no download."""
+    import torch
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+
+    config = LlavaConfig(vision_config=SiglipVisionConfig(**SIGLIP_SO400M),
+                         text_config=Qwen2Config(tie_word_embeddings=False, **QWEN[language]),
+                         vision_feature_layer=-2, vision_feature_select_strategy="full", image_token_id=151646)
+    with torch.device("meta"):
+        return LlavaForConditionalGeneration(config)
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    zero_stage: int
+    placement: str
+    hpz: int = 1
+
+
+PLANS = (Plan("ZeRO-3, teacher sharded", 3, "sharded"), Plan("ZeRO-3 + hpZ (8), teacher sharded", 3, "sharded", 8),
+         Plan("ZeRO-3, teacher replicated", 3, "replicated"), Plan("ZeRO-2 (teacher whole)", 2, "replicated"))
+
+
+def traffic(student: VLMBlocks, teacher: VLMBlocks, gpus: int, plan: Plan) -> dict[str, float]:
+    """Bytes each GPU receives per optimizer step (grad_accum 1, bf16), over NVLink and over the network."""
+    layout = Layout(world=gpus, zero_stage=plan.zero_stage, grad_accum=1, param_bytes=2, grad_bytes=2, hpz=plan.hpz)
+    spread = (gpus - 1) / gpus
+    grads = sum(n for b in student.all() if b.trainable and b.backward for n in b.numels) * 2
+    if plan.zero_stage == 2:  # all-reduce of the gradients, all-gather of the updated student
+        moved = {"gradients": 2 * spread * grads, "gathers": spread * student.numel() * 2, "nvlink": 0.0,
+                 "network": 0.0}
+        moved["network" if gpus > GPUS_PER_NODE else "nvlink"] = moved["gradients"] + moved["gathers"]
+        return moved
+    gathered = gathered_per_step(student, teacher, layout, switch=True, placement=plan.placement)
+    by_role = {role: sum(n for name, ns in gathered.items() if name.startswith(role) for n in ns) * 2
+               for role in ("student", "teacher")}
+    out = {"gradients": spread * grads, "gathers": spread * sum(by_role.values()), "nvlink": 0.0, "network": 0.0}
+    over_network = gpus > GPUS_PER_NODE
+    if plan.hpz > 1 and over_network:
+        # Each parameter's first gather of a step comes from the primary partition (all GPUs); the rest from the
+        # secondary one inside the node. A frozen teacher's secondary partition never expires.
+        first = sum(n for b in student.all() for n in b.numels if n > layout.persistence_threshold) * 2
+        out["network"] += spread * first + out["gradients"]
+        out["nvlink"] += (by_role["student"] - first + by_role["teacher"]) * (plan.hpz - 1) / plan.hpz
+    else:
+        out["network" if over_network else "nvlink"] += out["gathers"] + out["gradients"]
+    return out
+
+
+def teacher_memory(teacher: VLMBlocks, gpus: int, plan: Plan) -> float:
+    """The teacher's bf16 bytes held by each GPU."""
+    if plan.zero_stage == 2 or plan.placement == "replicated":
+        return 2 * teacher.numel()
+    secondary = -(-teacher.numel() // plan.hpz) if plan.hpz > 1 else 0
+    return 2 * (-(-teacher.numel() // gpus) + secondary)
+
+
+def predict_rows(pair: str, gpus_list, checkpointing: bool = False) -> list[dict]:
+    student_lm, teacher_lm = PAIRS[pair]
+    student_vlm, teacher_vlm = meta_vlm(student_lm), meta_vlm(teacher_lm)
+    student = vlm_blocks(student_vlm, trainable=True, checkpointing=checkpointing)
+    teacher = vlm_blocks(teacher_vlm, trainable=False, checkpointing=checkpointing)
+    tiny_s, tiny_t = (vlm_blocks(meta_vlm(name), trainable=name == PAIRS["tinyllava"][0], checkpointing=False).numel()
+                      for name in PAIRS["tinyllava"])
+    # Compute per micro-batch of 8 x 1049 tokens: the measured pair's, scaled by parameters for another pair
+    # (student part: the SFT step; teacher part: the rest of the Switch-KD step).
+    compute = MEASURED_SFT_S * student.numel() / tiny_s + (MEASURED_KD_S - MEASURED_SFT_S) * teacher.numel() / tiny_t
+    rows = []
+    for gpus in gpus_list:
+        for plan in PLANS:
+            moved = traffic(student, teacher, gpus, plan)
+            comm = moved["nvlink"] / NVLINK + moved["network"] / NETWORK
+            rows.append({"pair": pair, "gpus": gpus, "plan": plan.name, "compute_s": compute, "comm_s": comm,
+                         "gathers_GB": moved["gathers"] / 1e9, "gradients_GB": moved["gradients"] / 1e9,
+                         "teacher_GB_per_gpu": teacher_memory(teacher, gpus, plan) / 1e9,
+                         "step_overlapped_s": max(compute, comm), "step_serial_s": compute + comm,
+                         "dominates": ("communication" if comm > compute else "compute" if comm < 0.2 * compute
+                                       else "compute (communication close behind)"),
+                         "params_B": (student.numel() / 1e9, teacher.numel() / 1e9)})
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| GPUs | plan | teacher GB / GPU | gathers GB / GPU | gradients GB / GPU | comm s | comm / compute | "
+             "step s (overlapped - serial) | dominates |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['gpus']} | {r['plan']} | {r['teacher_GB_per_gpu']:.2f} | {r['gathers_GB']:.1f} | "
+                     f"{r['gradients_GB']:.1f} | {r['comm_s']:.3f} | {r['comm_s'] / r['compute_s']:.2f} | "
+                     f"{r['step_overlapped_s']:.2f} - {r['step_serial_s']:.2f} | {r['dominates']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Predicted Switch-KD step times beyond one node (docs/scaling.md)")
+    parser.add_argument("--pair", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    parser.add_argument("--gpus", nargs="+", type=int, default=[8, 64, 512])
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing of both models")
+    args = parser.parse_args(argv)
+    for pair in args.pair:
+        rows = predict_rows(pair, args.gpus, args.checkpointing)
+        s, t = rows[0]["params_B"]
+        print(f"\n{pair}: student {PAIRS[pair][0]} + SigLIP-so400m ({s:.2f}B), teacher {PAIRS[pair][1]} + "
+              f"SigLIP-so400m ({t:.2f}B); micro-batch 8 x 1049 tokens per GPU, grad_accum 1, bf16, "
+              f"gradient checkpointing {'on' if args.checkpointing else 'off'}; compute {rows[0]['compute_s']:.3f} s "
+              f"per step\n")
+        print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -265,3 +265,20 @@ def test_the_communication_model_holds_in_every_release_regime(tmp_path, demo_as
     got.pop("all_reduce")
     assert got == want
 
+
+
+def test_predicted_step_times_beyond_one_node_tell_the_placements_apart():
+    """The docs' tables (python -m recipe.comms): the pairs' sizes, and across nodes a sharded teacher's gathers
+    several times the traffic of the replicated teacher or hpZ, which cost memory instead."""
+    from recipe.comms import main, predict_rows
+
+    rows = {(r["gpus"], r["plan"]): r for r in predict_rows("tinyllava", [8, 64])}
+    student, teacher = rows[(8, "ZeRO-3, teacher sharded")]["params_B"]
+    assert student == pytest.approx(1.04, abs=0.01) and teacher == pytest.approx(3.82, abs=0.01)
+    sharded, hpz = rows[(64, "ZeRO-3, teacher sharded")], rows[(64, "ZeRO-3 + hpZ (8), teacher sharded")]
+    replicated = rows[(64, "ZeRO-3, teacher replicated")]
+    assert sharded["comm_s"] > 4 * max(hpz["comm_s"], replicated["comm_s"])
+    assert replicated["teacher_GB_per_gpu"] == pytest.approx(2 * teacher, rel=0.01)
+    assert sharded["teacher_GB_per_gpu"] < hpz["teacher_GB_per_gpu"] < replicated["teacher_GB_per_gpu"]
+    assert rows[(8, "ZeRO-3, teacher sharded")]["comm_s"] < 0.05 * sharded["compute_s"]  # NVLink inside a node
+    main(["--pair", "tinyllava", "--gpus", "8"])
