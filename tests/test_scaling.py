@@ -282,3 +282,21 @@ def test_predicted_step_times_beyond_one_node_tell_the_placements_apart():
     assert sharded["teacher_GB_per_gpu"] < hpz["teacher_GB_per_gpu"] < replicated["teacher_GB_per_gpu"]
     assert rows[(8, "ZeRO-3, teacher sharded")]["comm_s"] < 0.05 * sharded["compute_s"]  # NVLink inside a node
     main(["--pair", "tinyllava", "--gpus", "8"])
+
+
+def test_hpz_partition_size_auto_is_the_ranks_of_a_node_and_must_divide_the_ranks(tmp_path, monkeypatch):
+    from recipe.engine import deepspeed_config
+
+    hpz = os.path.join(REPO, "ds_configs", "zero3_hpz.json")
+    cfg = load_config(os.path.join(REPO, "recipe/configs/demo_switchkd.yaml"), ["zero_stage=3", f"ds_config={hpz}"])
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert deepspeed_config(cfg, "bf16")["zero_optimization"]["zero_hpz_partition_size"] == 1
+    with open(hpz) as f:
+        ds = json.load(f)
+    ds["zero_optimization"]["zero_hpz_partition_size"] = 3
+    (tmp_path / "hpz3.json").write_text(json.dumps(ds))
+    cfg = load_config(os.path.join(REPO, "recipe/configs/demo_switchkd.yaml"),
+                      ["zero_stage=3", f"ds_config={tmp_path / 'hpz3.json'}"])
+    with pytest.raises(ConfigError, match=r"zero_hpz_partition_size=3 must be a positive integer that divides the "
+                                          r"number of ranks \(1\)"):
+        deepspeed_config(cfg, "bf16")
