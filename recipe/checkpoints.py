@@ -15,6 +15,8 @@ from recipe.distributed import rank
 from recipe.files import write_atomically
 
 LATEST = "latest"
+RUN_STATE = "run_state.json"  # the client state as JSON: what a resume reads before loading anything (recipe/resume.py)
+UNIVERSAL = "universal"  # a checkpoint's DeepSpeed universal checkpoint, for another number of ranks (recipe/resume.py)
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "chat_template.jinja", "chat_template.json")
 
 
@@ -34,6 +36,8 @@ def save_checkpoint(engine, checkpoint_dir: str, step: int, client_state: dict, 
     engine.save_checkpoint(checkpoint_dir, tag=tag, client_state=client_state, save_latest=False,
                            exclude_frozen_parameters=True)
     torch.save(rng_state(), os.path.join(checkpoint_dir, tag, f"rng_rank{rank():05d}.pt"))
+    if rank() == 0:
+        write_atomically(os.path.join(checkpoint_dir, tag, RUN_STATE), json.dumps(client_state, indent=1).encode())
     if dist.is_initialized():
         dist.barrier()
     if rank() == 0:
@@ -53,15 +57,36 @@ def rotate_checkpoints(checkpoint_dir: str, keep: int) -> None:
             shutil.rmtree(os.path.join(checkpoint_dir, tag), ignore_errors=True)
 
 
-def load_checkpoint(engine, checkpoint_dir: str, tag: str) -> dict:
-    _, client_state = engine.load_checkpoint(checkpoint_dir, tag=tag, load_module_strict=False,
+def load_checkpoint(engine, checkpoint_dir: str, tag: str, universal: bool = False) -> dict:
+    """Weights, optimizer state and LR schedule into the engine; returns the client state. universal: from
+    the tag's universal/ folder (recipe/resume.py; the engine was built with "load_universal"), which
+    DeepSpeed repartitions for the current number of ranks."""
+    load_dir, load_tag = (os.path.join(checkpoint_dir, tag), UNIVERSAL) if universal else (checkpoint_dir, tag)
+    decay = [group["weight_decay"] for group in engine.optimizer.param_groups]
+    _, client_state = engine.load_checkpoint(load_dir, tag=load_tag, load_module_strict=False,
                                              load_optimizer_states=True, load_lr_scheduler_states=True)
     if client_state is None:
         raise RuntimeError(f"could not load checkpoint {checkpoint_dir}/{tag}")
+    if universal:
+        repair_universal_load(engine, decay)
+    # On another number of ranks a rank may have no RNG state of its own: it keeps its seeded one.
     rng_file = os.path.join(checkpoint_dir, tag, f"rng_rank{rank():05d}.pt")
     if os.path.isfile(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state
+
+
+def repair_universal_load(engine, weight_decay: list[float]) -> None:
+    """Two repairs after DeepSpeed 0.19.8's ZeRO-3 universal load (harmless at ZeRO-2, which needs neither):
+    it copies the first parameter group's settings to every group, so the no-decay group would get weight
+    decay (ours are fixed by the config: engine.param_groups), and it gives every group's Adam state one shared
+    step tensor, which each group's update then increments in place (later groups would skip steps in
+    Adam's bias correction)."""
+    for group, decay in zip(engine.optimizer.param_groups, weight_decay):
+        group["weight_decay"] = decay
+    for state in engine.optimizer.optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def rng_state() -> dict:

@@ -21,6 +21,10 @@ ChatTemplate = Literal["auto", "tokenizer", "chatml"]  # auto: the tokenizer's c
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # auto: bf16 on GPUs that have it, else fp32
 Attention = Literal["auto", "sdpa", "eager", "flash_attention_2"]  # auto: flash-attention when usable, else sdpa
 ZeroStage = Literal[2, 3]
+# Where the frozen teacher lives under ZeRO-3 (docs/scaling.md). sharded: partitioned with the student by ZeRO
+# and gathered for each pass; replicated: whole on every GPU, outside ZeRO (no teacher gathers). At ZeRO-2
+# parameters are never partitioned, so both hold the whole teacher on every GPU.
+TeacherPlacement = Literal["sharded", "replicated"]
 
 
 def choices(literal) -> tuple:
@@ -98,6 +102,8 @@ class TrainConfig:
     grad_accum: int = 1
     zero_stage: ZeroStage = 2
     ds_config: str | None = None  # default: ds_configs/zero{2,3}.json by zero_stage
+    teacher_placement: TeacherPlacement = "sharded"
+    log_comms: bool = False  # DeepSpeed's comms logger: each step's collectives and bytes in metrics.jsonl
     optim: OptimConfig = field(default_factory=OptimConfig)
     grad_clip: float = 1.0
     gradient_checkpointing: bool = False  # the student, and the teacher's layers in the switch pass

@@ -2,6 +2,7 @@
 the optimizer's parameter groups and the LR schedule."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -12,8 +13,9 @@ from recipe import REPO_ROOT
 from recipe.config import ConfigError
 
 
-def deepspeed_config(cfg, precision: str) -> dict:
-    """ds_configs/zero{stage}.json (or cfg.ds_config) with every "auto" filled from the recipe config."""
+def deepspeed_config(cfg, precision: str, *, load_universal: bool = False) -> dict:
+    """ds_configs/zero{stage}.json (or cfg.ds_config) with every "auto" filled from the recipe config.
+    load_universal: the run resumes from a universal checkpoint (another number of ranks, recipe/resume.py)."""
     path = cfg.ds_config or os.path.join(REPO_ROOT, "ds_configs", f"zero{cfg.zero_stage}.json")
     with open(path) as f:
         ds = json.load(f)
@@ -33,7 +35,28 @@ def deepspeed_config(cfg, precision: str) -> dict:
     _fill(params, {"lr": ("optim.lr", cfg.optim.lr), "betas": ("optim.betas", cfg.optim.betas),
                    "eps": ("optim.eps", cfg.optim.eps), "weight_decay": ("optim.weight_decay", cfg.optim.weight_decay)},
           path, "optimizer.params.")
+    zero = ds.get("zero_optimization", {})
+    if zero.get("zero_hpz_partition_size") == "auto":  # ZeRO++ hpZ: a secondary parameter copy inside each node
+        zero["zero_hpz_partition_size"] = ranks_per_node()
+    _check_hpz(zero.get("zero_hpz_partition_size", 1), path)
+    if load_universal:
+        ds.setdefault("checkpoint", {})["load_universal"] = True
+    if cfg.log_comms:  # every collective of deepspeed.comm, read back each step by recipe.comms.CommsMeter
+        ds["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False, "debug": False}
     return ds
+
+
+def ranks_per_node() -> int:
+    """GPUs (ranks) of this node, as torchrun, the deepspeed launcher and launch/ set it."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def _check_hpz(size, path: str) -> None:
+    from recipe.distributed import world_size
+
+    if not isinstance(size, int) or size < 1 or world_size() % size:
+        raise ConfigError(f"{path}: zero_hpz_partition_size={size!r} must be a positive integer that divides the "
+                          f"number of ranks ({world_size()}); \"auto\" is the ranks of one node")
 
 
 def _fill(section: dict, values: dict, path: str, prefix: str) -> None:
@@ -59,6 +82,32 @@ def zero3_loading(ds_config: dict):
     from transformers.integrations import HfDeepSpeedConfig
 
     return HfDeepSpeedConfig(ds_config)
+
+
+def before_partitioned_load() -> None:
+    """DeepSpeed 0.19.8's zero.Init creates ZeRO++'s node-level process group (hpZ, zero_hpz_partition_size
+    > 1) every time it runs and asserts that none exists yet, so the second partitioned load of a run (the
+    student after the teacher) would fail. Forgetting the previous one's group lets the next load create its
+    own: the parameters already loaded keep the group they were partitioned with, the engine uses the last."""
+    from deepspeed.utils import groups
+
+    groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
+
+
+@contextlib.contextmanager
+def whole_loading(zero3):
+    """Inside, from_pretrained loads whole models even while ZeRO-3's partitioned loading (zero3_loading)
+    is alive: for a teacher held outside ZeRO (teacher_placement: replicated)."""
+    if zero3 is None:
+        yield
+        return
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(zero3)
 
 
 def parameter_counts(module: torch.nn.Module | None) -> tuple[int, int]:

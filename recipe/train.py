@@ -9,6 +9,7 @@ Rerunning the same command resumes from the newest complete checkpoint in output
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -29,9 +30,18 @@ from recipe.distributed import (
     seed_everything,
     world_size,
 )
-from recipe.engine import deepspeed_config, param_groups, parameter_counts, warmup_cosine, zero3_loading
+from recipe.engine import (
+    before_partitioned_load,
+    deepspeed_config,
+    param_groups,
+    parameter_counts,
+    warmup_cosine,
+    whole_loading,
+    zero3_loading,
+)
 from recipe.files import write_atomically
 from recipe.metrics import MetricsLog
+from recipe.resume import plan_resume, prepare_universal, run_state
 
 LOSS_TERMS = ("loss", "ce", "align", "vsd")
 
@@ -55,9 +65,10 @@ def auto_precision() -> str:
     return "fp32"
 
 
-def build_models(cfg, precision):
+def build_models(cfg, precision, zero3=None):
     """(student, teacher or None, the student's tokenizer, the shared vocabulary the divergences compare or None
-    when both tables have the same size)."""
+    when both tables have the same size). zero3: ZeRO-3's partitioned loading (zero3_loading); a replicated
+    teacher is loaded whole regardless, and placed on this rank's device by hand."""
     from recipe.models import check_pair, load_tokenizer, load_vlm
 
     for role in ("student", "teacher"):
@@ -75,10 +86,18 @@ def build_models(cfg, precision):
         if rank() == 0:
             for note in pair.notes:
                 print(f"[train] pair check: {note}", flush=True)
-        teacher = load_vlm(cfg.teacher.path, precision=precision, attention=cfg.attention)
+        if zero3 is not None:
+            before_partitioned_load()
+        with whole_loading(zero3) if cfg.teacher_placement == "replicated" else contextlib.nullcontext():
+            teacher = load_vlm(cfg.teacher.path, precision=precision, attention=cfg.attention)
         teacher.config.image_token_id = pair.image_token_id  # the student's tokenizer encodes both passes' text
+        if cfg.teacher_placement == "replicated":  # outside the engine, which would otherwise move it
+            from deepspeed.accelerator import get_accelerator
+            teacher.to(get_accelerator().current_device_name())
         sizes = (teacher_config.text_config.vocab_size, student_config.text_config.vocab_size)
         shared_vocab = pair.shared_vocab if pair.shared_vocab < max(sizes) else None
+    if zero3 is not None:
+        before_partitioned_load()
     student = load_vlm(cfg.student.path, precision=precision, attention=cfg.attention)
     prepare_models(cfg, student, teacher)
     return student, teacher, tokenizer, shared_vocab
@@ -114,7 +133,11 @@ def build_data(cfg, student, tokenizer):
     from recipe.models import ImageInputs, load_image_inputs, load_image_processor, same_preprocessing
 
     dataset = ShardDataset(cfg.data.train)
-    sampler = ResumableDistributedSampler(len(dataset), rank=rank(), world_size=world_size(), seed=cfg.seed)
+    # One global order whatever the number of ranks, cut into optimizer steps and micro-batches of fixed
+    # sizes: a run resumed on another number of ranks continues it (recipe/resume.py).
+    sampler = ResumableDistributedSampler(len(dataset), rank=rank(), world_size=world_size(), seed=cfg.seed,
+                                          drop_last=True, micro_batch_size=cfg.micro_batch_size,
+                                          step_size=cfg.micro_batch_size * cfg.grad_accum * world_size())
     student_images = load_image_inputs(cfg.student.path, student.config, tokenizer)
     teacher_images = None
     if cfg.distill:
@@ -137,19 +160,16 @@ def chat_template_for(path: str, model) -> str | None:
 
 
 def plan_steps(cfg, num_samples: int, world: int) -> int:
-    """Optimizer steps of the run: max_steps, or epochs x steps per epoch. Each rank must get at least one
-    micro-batch per epoch (otherwise every epoch would yield nothing and the loop would wait forever)."""
-    per_rank = -(-num_samples // world)
-    if per_rank < cfg.micro_batch_size:
-        raise ConfigError(f"data.train has {num_samples} samples, {per_rank} per rank on {world} ranks: fewer than "
-                          f"micro_batch_size={cfg.micro_batch_size}; lower micro_batch_size or add data")
+    """Optimizer steps of the run: max_steps, or epochs x steps per epoch. An epoch is a whole number of
+    optimizer steps (the sampler cuts its order there), so it must hold at least one."""
+    global_batch = cfg.micro_batch_size * cfg.grad_accum * world
+    steps_per_epoch = num_samples // global_batch
+    if steps_per_epoch == 0:
+        raise ConfigError(f"one optimizer step takes micro_batch_size x grad_accum x ranks = {cfg.micro_batch_size} "
+                          f"x {cfg.grad_accum} x {world} = {global_batch} samples, data.train has {num_samples}; "
+                          f"lower micro_batch_size or grad_accum, or add data")
     if cfg.max_steps:
         return cfg.max_steps
-    steps_per_epoch = num_samples // (cfg.micro_batch_size * world) // cfg.grad_accum
-    if steps_per_epoch == 0:
-        raise ConfigError(f"epochs: one optimizer step takes micro_batch_size x grad_accum x ranks = "
-                          f"{cfg.micro_batch_size * cfg.grad_accum * world} samples, data.train has {num_samples}; "
-                          f"lower grad_accum or give max_steps")
     return max(1, int(cfg.epochs * steps_per_epoch))
 
 
@@ -222,17 +242,19 @@ class Run:
     data: object  # micro-batches, forever (batches())
     max_steps: int
     zero3_loading: object  # ZeRO-3's partitioned loading, kept alive for the run (transformers holds a weak ref)
+    comms: object = None  # recipe.comms.CommsMeter with log_comms: each step's collectives
 
 
 def build_engine(cfg, ds_config: dict, student, teacher, max_steps: int, shared_vocab: int | None = None):
     """(engine, LR scheduler): the one DeepSpeed engine over the trainable student and the frozen teacher (the
-    optimizer sees the student only); shared_vocab: the id range the divergences compare (build_models)."""
+    optimizer sees the student only; a replicated teacher is held outside it); shared_vocab: the id range the
+    divergences compare (build_models)."""
     import deepspeed
 
     from recipe.models import SwitchKDModel
 
     engine, _, _, scheduler = deepspeed.initialize(
-        model=SwitchKDModel(student, teacher, cfg.loss, shared_vocab),
+        model=SwitchKDModel(student, teacher, cfg.loss, shared_vocab, teacher_placement=cfg.teacher_placement),
         model_parameters=param_groups(student, cfg.optim.weight_decay),
         config=ds_config, lr_scheduler=lambda opt: warmup_cosine(opt, warmup_steps=cfg.optim.warmup_steps,
                                                                  max_steps=max_steps,
@@ -240,13 +262,15 @@ def build_engine(cfg, ds_config: dict, student, teacher, max_steps: int, shared_
     return engine, scheduler
 
 
-def build_run(cfg, precision: str) -> Run:
+def build_run(cfg, precision: str, load_universal: bool = False) -> Run:
     """Models, data and the engine (build_engine). A bad pair, path or size raises ConfigError, before any
-    training."""
+    training. load_universal: the engine resumes from a universal checkpoint (recipe/resume.py)."""
+    from recipe.comms import CommsMeter
+
     try:
-        ds_config = deepspeed_config(cfg, precision)
-        zero3 = zero3_loading(ds_config)  # ZeRO-3: no rank ever holds a whole model
-        student, teacher, tokenizer, shared_vocab = build_models(cfg, precision)
+        ds_config = deepspeed_config(cfg, precision, load_universal=load_universal)
+        zero3 = zero3_loading(ds_config)  # ZeRO-3: no rank ever holds a whole model (unless replicated)
+        student, teacher, tokenizer, shared_vocab = build_models(cfg, precision, zero3)
         dataset, sampler, collator = build_data(cfg, student, tokenizer)
         if cfg.data.group_by_length:
             from recipe.data.lengths import estimate_lengths
@@ -261,9 +285,31 @@ def build_run(cfg, precision: str) -> Run:
         (s_total, s_here), (t_total, t_here) = parameter_counts(student), parameter_counts(teacher)
         print(f"[train] loaded student {s_total / 1e6:.1f}M and teacher {t_total / 1e6:.1f}M parameters; "
               f"rank 0 holds {(s_here + t_here) / (s_total + t_total):.0%} of them", flush=True)
+        if teacher is not None:
+            print(f"[train] {teacher_line(cfg, ds_config, student, teacher)}", flush=True)
     engine, scheduler = build_engine(cfg, ds_config, student, teacher, max_steps, shared_vocab)
     return Run(engine=engine, scheduler=scheduler, student=student, tokenizer=tokenizer, sampler=sampler,
-               data=batches(dataset, sampler, collator, cfg), max_steps=max_steps, zero3_loading=zero3)
+               data=batches(dataset, sampler, collator, cfg), max_steps=max_steps, zero3_loading=zero3,
+               comms=CommsMeter() if cfg.log_comms else None)
+
+
+def teacher_line(cfg, ds_config: dict, student, teacher) -> str:
+    """Where the teacher lives, its memory per GPU and the expected parameter gathers per step. The gather
+    model (recipe/comms.py) knows the LLaVA layout; for other families the line gives the memory only."""
+    from recipe.comms import Layout, placement_summary, size, vlm_blocks
+    from recipe.models import family_of
+
+    if "llava" not in family_of(teacher).model_types:
+        total, held = parameter_counts(teacher)
+        bytes_per = next(teacher.parameters()).dtype.itemsize
+        return (f"teacher ({cfg.teacher_placement}): {size(held * bytes_per)} of its {size(total * bytes_per)} "
+                f"per GPU; parameter gathers are modelled for the LLaVA layout only")
+    checkpointing = cfg.gradient_checkpointing
+    return placement_summary(
+        vlm_blocks(student, trainable=True, checkpointing=checkpointing, train_vision_tower=cfg.train_vision_tower),
+        vlm_blocks(teacher, trainable=False, checkpointing=checkpointing),
+        Layout.from_ds_config(ds_config, world_size()), switch=cfg.loss.vsd_weight > 0,
+        placement=cfg.teacher_placement)
 
 
 def train_step(run: Run, cfg) -> dict:
@@ -271,6 +317,8 @@ def train_step(run: Run, cfg) -> dict:
     and the LR schedule at the accumulation boundary. Returns the step's record, averaged over the ranks."""
     started = time.time()
     world = world_size()
+    if run.comms is not None:
+        run.comms.reset()  # only this step's collectives (not an evaluation's or a checkpoint's)
     lr = run.scheduler.get_last_lr()[0]  # the LR this step uses
     sums = dict.fromkeys(LOSS_TERMS, 0.0)
     tokens = slots = dropped = 0  # slots: tokens + padding
@@ -290,10 +338,13 @@ def train_step(run: Run, cfg) -> dict:
             sums[key] += value / cfg.grad_accum
     *terms, tokens, slots, dropped = all_reduce_mean([*sums.values(), tokens, slots, dropped], run.engine.device)
     elapsed = time.time() - started
-    return {**dict(zip(LOSS_TERMS, terms)), "lr": lr, "grad_norm": _float(run.engine.get_global_grad_norm()),
-            "samples_per_s": cfg.micro_batch_size * cfg.grad_accum * world / elapsed,
-            "tokens_per_s": tokens * world / elapsed, "padding_fraction": 1 - tokens / slots,
-            "dropped_samples": int(round(dropped * world)), "epoch": run.sampler.epoch}
+    record = {**dict(zip(LOSS_TERMS, terms)), "lr": lr, "grad_norm": _float(run.engine.get_global_grad_norm()),
+              "samples_per_s": cfg.micro_batch_size * cfg.grad_accum * world / elapsed,
+              "tokens_per_s": tokens * world / elapsed, "padding_fraction": 1 - tokens / slots,
+              "dropped_samples": int(round(dropped * world)), "epoch": run.sampler.epoch}
+    if run.comms is not None:
+        record["comms"] = run.comms.read()  # this rank's (rank 0 writes the record)
+    return record
 
 
 def finish(run: Run, cfg, step: int, metrics: MetricsLog) -> None:
@@ -330,20 +381,33 @@ def main(argv=None):
     seed_everything(cfg.seed)
     is_main = rank() == 0
 
+    # ---- resume plan, before anything is loaded: the checkpoint's global batch on this number of ranks
+    checkpoint_dir = os.path.join(cfg.output_dir, "checkpoints")
+    tag = latest_tag(checkpoint_dir)
+    plan = None
+    if tag is not None:
+        try:
+            plan = plan_resume(cfg, checkpoint_dir, tag, world_size())
+        except ConfigError as e:
+            sys.exit(f"config error: {e}")
+        cfg = plan.config  # grad_accum recomputed to keep the global batch
+        if is_main and plan.startup_line():
+            print(f"[train] {plan.startup_line()}", flush=True)
+        if plan.universal:
+            prepare_universal(checkpoint_dir, tag)
+
     # ---- models, data and engine
     try:
-        run = build_run(cfg, precision)
+        run = build_run(cfg, precision, load_universal=plan is not None and plan.universal)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     engine = run.engine
 
     # ---- resume
     os.makedirs(cfg.output_dir, exist_ok=True)
-    checkpoint_dir = os.path.join(cfg.output_dir, "checkpoints")
     step = 0
-    tag = latest_tag(checkpoint_dir)
-    if tag is not None:
-        state = load_checkpoint(engine, checkpoint_dir, tag)
+    if plan is not None:
+        state = load_checkpoint(engine, checkpoint_dir, tag, universal=plan.universal)
         step = state["step"]
         run.sampler.load_state_dict(state["sampler"])
         if is_main:
@@ -372,7 +436,7 @@ def main(argv=None):
 
         stopping = any_rank(stop.requested, engine.device)
         if step % cfg.save_every == 0 or stopping or step == run.max_steps:
-            save_checkpoint(engine, checkpoint_dir, step, {"step": step, "sampler": run.sampler.state_dict()},
+            save_checkpoint(engine, checkpoint_dir, step, run_state(cfg, step, run.sampler.state_dict(), world_size()),
                             cfg.keep_checkpoints)
         if stopping and step < run.max_steps:
             if is_main:

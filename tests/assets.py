@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,6 +38,21 @@ def load_demo_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_until_stopped(cmd: list[str], out: str, after_steps: int, env: dict, timeout: int = 300) -> str:
+    """Run a training command in a session of its own, send SIGTERM to every process of it (as SLURM does on
+    preemption) once out/metrics.jsonl has `after_steps` lines, and return its output once it has exited."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= after_steps:
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    return proc.communicate(timeout=timeout)[0]
 
 
 def build_demo_assets(root: str, n_train: int = 96, n_eval: int = 24) -> dict:

@@ -80,14 +80,14 @@ def test_epochs_and_data_size_plan_the_steps_or_say_why_they_cannot():
     demo = os.path.join(REPO, "recipe/configs/demo_switchkd.yaml")
     cfg = load_config(demo, ["max_steps=null", "epochs=2", "micro_batch_size=4", "grad_accum=2"])
     assert plan_steps(cfg, num_samples=100, world=2) == 2 * (100 // 8 // 2)
-    # An epoch that gives a rank no micro-batch would make the loop wait forever.
-    with pytest.raises(ConfigError,
-                       match="data.train has 6 samples, 3 per rank on 2 ranks: fewer than micro_batch_size=4"):
-        plan_steps(cfg, num_samples=6, world=2)
+    # An epoch is a whole number of optimizer steps (the sampler cuts it there): one that holds none would
+    # make the loop wait forever, with max_steps too.
     with pytest.raises(ConfigError, match="one optimizer step takes .* = 16 samples, data.train has 12"):
         plan_steps(cfg, num_samples=12, world=2)
-    steps = load_config(demo, ["micro_batch_size=4", "grad_accum=2"])  # max_steps: one step may span epochs
-    assert plan_steps(steps, num_samples=12, world=2) == steps.max_steps
+    steps = load_config(demo, ["micro_batch_size=4", "grad_accum=2"])
+    with pytest.raises(ConfigError, match="4 x 2 x 2 = 16 samples, data.train has 6"):
+        plan_steps(steps, num_samples=6, world=2)
+    assert plan_steps(steps, num_samples=16, world=2) == steps.max_steps
 
 
 def test_deepspeed_config_fills_every_auto_from_the_recipe_config():

@@ -1,15 +1,13 @@
 """The trainer on real DeepSpeed (CPU, gloo, 2 ranks): ZeRO-2 vs ZeRO-3, exact resume, export, bad configs."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import yaml
-from assets import REPO, free_port, run_module
+from assets import REPO, free_port, run_module, run_until_stopped
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
@@ -149,16 +147,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, demo_assets
     # With a DataLoader worker: SLURM's SIGTERM reaches it too, and it must not take the trainer down.
     config, out = write_config(tmp_path, demo_assets, "zero2", max_steps=12, **{"data.num_workers": 1})
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(torchrun_cmd(config), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    metrics = os.path.join(out, "metrics.jsonl")
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3:
-            os.killpg(proc.pid, signal.SIGTERM)  # as SLURM does on preemption: every process of the job
-            break
-        time.sleep(0.02)
-    log = proc.communicate(timeout=300)[0]
+    log = run_until_stopped(torchrun_cmd(config), out, after_steps=3, env=env)
     stopped_at = int(open(os.path.join(out, "checkpoints", "latest")).read().removeprefix("step"))
     assert "stop requested" in log, log[-3000:]
     assert 3 <= stopped_at < 12, f"the run was not interrupted mid-way (stopped at {stopped_at})"

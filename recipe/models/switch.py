@@ -49,6 +49,10 @@ def enable_switch_checkpointing(language_model: nn.Module) -> bool:
                       stacklevel=2)
         return False
     language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers also makes the frozen embedding's output require grad (for reentrant checkpointing): a
+    # backward through the teacher's embedding table that computes nothing, and under ZeRO-3 one more
+    # gather of it per micro-step (recipe/comms.py). Non-reentrant checkpointing does not need it.
+    language_model.disable_input_require_grads()
     return True
 
 
@@ -189,12 +193,21 @@ class SwitchKDModel(nn.Module):
 
     forward(batch) -> dict of loss terms; "loss" is the weighted objective to backpropagate. shared_vocab (the
     pair check's PairCheck.shared_vocab) is None when both tables have the same size.
+
+    teacher_placement (docs/scaling.md): "sharded" registers the teacher as a submodule, so the engine holds
+    it like the student (under ZeRO-3: partitioned, gathered for each pass). "replicated" holds it outside
+    the module tree: the engine never sees it (no partitioning, no gather hooks, not moved or cast; the
+    caller puts it on the device), while the switch pass still backpropagates through it into E_S.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, loss_config, shared_vocab: int | None = None):
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, loss_config, shared_vocab: int | None = None,
+                 *, teacher_placement: str = "sharded"):
         super().__init__()
         self.student = student
-        self.teacher = teacher
+        if teacher_placement == "replicated":
+            self.__dict__["teacher"] = teacher  # a plain attribute: nn.Module registration skipped
+        else:
+            self.teacher = teacher
         self.loss_config = loss_config
         self.shared_vocab = shared_vocab  # the pair check's: the divergences compare the first shared_vocab logits
         if teacher is not None:
