@@ -33,3 +33,4 @@ for run in ("runs/demo_teacher", "runs/demo_switchkd"):
           f"align {last['align']:.4f}  vsd {last['vsd']:.4f}")
     print(f"  eval: {format_summary(json.load(open(f'{run}/final/eval.json')))}")
 PY
+echo "curves (loss terms, lr, grad norm, tokens/s, eval accuracy): $(python -m recipe.plot runs/demo_teacher runs/demo_switchkd)"

@@ -18,9 +18,10 @@ sees that order, so arms are compared in pairs: per seed, an arm's accuracy minu
 DBiLD alignment), then the mean of those differences over seeds with a 95% t interval (n - 1 degrees of
 freedom) and the number of seeds the arm won. A run's score is its final evaluation on data.eval.
 
-Writes OUT/results.json, OUT/table.md (printed too) and OUT/ablation.png. Runs live in OUT/ARM/seedS and
-are reused whatever seed list asks for them; shorter ones are extended, so an interrupted experiment
-continues where it stopped and new seeds add to the finished ones.
+Writes OUT/results.json, OUT/table.md (printed too), OUT/ablation.png and OUT/curves.png (recipe.plot of
+each arm's first seed). Runs live in OUT/ARM/seedS and are reused whatever seed list asks for them; shorter
+ones are extended, so an interrupted experiment continues where it stopped and new seeds add to the finished
+ones.
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ from scipy.stats import t as student_t
 
 from recipe import REPO_ROOT
 from recipe.checkpoints import evaluated_step
+from recipe.config import add_set_argument
+from recipe.plot import plot_runs
 
 ARMS = {
     "sft": {"loss.align_weight": 0, "loss.vsd_weight": 0, "teacher.path": None},
@@ -243,8 +246,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--teacher-init", default="demo/models/teacher_init", help="teacher before its SFT")
     parser.add_argument("--student-init", default="demo/models/student_init", help="the one student initialisation")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for every run, e.g. --set data.train=[DIR] (repeatable)")
+    add_set_argument(parser, help_suffix="; applied to every run")
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "runs", "ablation"))
     args = parser.parse_args(argv)
     if args.seed_list is not None:
@@ -314,7 +316,8 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(summary, f, indent=1)
     plot(results, teacher, paired, run_dirs, os.path.join(args.out, "ablation.png"))
-    print(f"[ablation] wrote {args.out}/table.md, results.json, ablation.png in {time.time() - started:.0f}s")
+    curves = plot_runs([dirs[0] for dirs in run_dirs.values()], os.path.join(args.out, "curves.png"))  # first seeds
+    print(f"[ablation] wrote {args.out}/table.md, results.json, ablation.png, {curves} in {time.time() - started:.0f}s")
     return 0
 
 

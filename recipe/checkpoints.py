@@ -1,4 +1,11 @@
-"""Checkpoints of a run (DeepSpeed's, without the frozen teacher, plus RNG states) and the final export."""
+"""Checkpoints of a run (DeepSpeed's, without the frozen teacher, plus RNG states) and the final export.
+
+Layout: checkpoint_dir/stepNNNNNNNN/ (one per saved step) and checkpoint_dir/latest (the tag to resume
+from). Crash safety: a checkpoint is written into stepNNNNNNNN.partial/, fsynced, and renamed to
+stepNNNNNNNN/ only once every rank has written its part; `latest` is replaced atomically after that, and
+older checkpoints are removed last. A kill -9 at any moment therefore leaves `latest` naming a complete
+checkpoint; leftovers of an interrupted save are removed by the next one.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -11,12 +18,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from recipe.distributed import rank
-from recipe.files import write_atomically
+from recipe.distributed import any_rank, rank
+from recipe.files import fsync_path, write_atomically
 
 LATEST = "latest"
 RUN_STATE = "run_state.json"  # the client state as JSON: what a resume reads before loading anything (recipe/resume.py)
 UNIVERSAL = "universal"  # a checkpoint's DeepSpeed universal checkpoint, for another number of ranks (recipe/resume.py)
+PARTIAL_SUFFIX = ".partial"
+ADAM_STATE_BYTES = 12  # per trainable parameter: fp32 master copy + two moments
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "chat_template.jinja", "chat_template.json")
 
 
@@ -30,27 +39,85 @@ def latest_tag(checkpoint_dir: str) -> str | None:
     return tag if os.path.isdir(os.path.join(checkpoint_dir, tag)) else None
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (a full disk...); the previous one is untouched."""
+
+
 def save_checkpoint(engine, checkpoint_dir: str, step: int, client_state: dict, keep: int) -> str:
+    """Every rank calls this. Returns the tag; raises CheckpointError, before writing anything when the
+    disk has too little space for it, and with the partial write removed when writing fails."""
     tag = f"step{step:08d}"
-    # The frozen teacher is loaded from teacher.path on every start; it is not part of the checkpoint.
-    engine.save_checkpoint(checkpoint_dir, tag=tag, client_state=client_state, save_latest=False,
-                           exclude_frozen_parameters=True)
-    torch.save(rng_state(), os.path.join(checkpoint_dir, tag, f"rng_rank{rank():05d}.pt"))
+    partial = tag + PARTIAL_SUFFIX
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    node_main = int(os.environ.get("LOCAL_RANK", 0)) == 0  # checks the space, fsyncs the node's writes
+    needed = checkpoint_bytes(engine, checkpoint_dir) if node_main else 0
+    free = shutil.disk_usage(checkpoint_dir).free
+    if any_rank(free < needed, engine.device):
+        raise CheckpointError(_space_message(checkpoint_dir, tag, needed, free, "not enough space"))
     if rank() == 0:
-        write_atomically(os.path.join(checkpoint_dir, tag, RUN_STATE), json.dumps(client_state, indent=1).encode())
-    if dist.is_initialized():
-        dist.barrier()
+        for name in os.listdir(checkpoint_dir):  # an interrupted save's leftovers (any step)
+            if name.endswith(PARTIAL_SUFFIX):
+                shutil.rmtree(os.path.join(checkpoint_dir, name), ignore_errors=True)
+    _barrier()
+    try:
+        # The frozen teacher is loaded from teacher.path on every start; it is not part of the checkpoint.
+        engine.save_checkpoint(checkpoint_dir, tag=partial, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=True)
+        torch.save(rng_state(), os.path.join(checkpoint_dir, partial, f"rng_rank{rank():05d}.pt"))
+        if rank() == 0:  # what a resume reads before loading anything (recipe/resume.py)
+            write_atomically(os.path.join(checkpoint_dir, partial, RUN_STATE),
+                             json.dumps(client_state, indent=1).encode())
+        _barrier()
+        if node_main:  # one flush per node of what its ranks wrote
+            for root, dirs, names in os.walk(os.path.join(checkpoint_dir, partial)):
+                for name in names + dirs:
+                    fsync_path(os.path.join(root, name))
+        _barrier()
+        if rank() == 0:
+            complete = os.path.join(checkpoint_dir, tag)
+            if os.path.isdir(complete):  # the same step saved before a crash, not yet named by `latest`
+                shutil.rmtree(complete)
+            os.rename(os.path.join(checkpoint_dir, partial), complete)
+            fsync_path(checkpoint_dir)
+            write_atomically(os.path.join(checkpoint_dir, LATEST), tag.encode())
+            fsync_path(checkpoint_dir)
+    except Exception as e:  # a full disk shows as OSError(ENOSPC) or as torch.save's RuntimeError
+        shutil.rmtree(os.path.join(checkpoint_dir, partial), ignore_errors=True)  # frees what it took
+        free, needed = shutil.disk_usage(checkpoint_dir).free, needed or checkpoint_bytes(engine, checkpoint_dir)
+        raise CheckpointError(_space_message(checkpoint_dir, tag, needed, free, f"{type(e).__name__}: {e}")) from e
     if rank() == 0:
-        write_atomically(os.path.join(checkpoint_dir, LATEST), tag.encode())
         rotate_checkpoints(checkpoint_dir, keep)
-    if dist.is_initialized():
-        dist.barrier()
+    _barrier()
     return tag
 
 
+def checkpoint_bytes(engine, checkpoint_dir: str) -> int:
+    """The space a new checkpoint takes: the previous one's size, or before the first save an estimate
+    from the trainable parameters (their weights plus AdamW's fp32 state)."""
+    previous = latest_tag(checkpoint_dir)
+    if previous is not None:
+        return sum(os.path.getsize(os.path.join(root, name))
+                   for root, _, names in os.walk(os.path.join(checkpoint_dir, previous)) for name in names)
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    return sum(getattr(p, "ds_numel", p.numel()) * (p.element_size() + ADAM_STATE_BYTES) for p in trainable)
+
+
+def _space_message(checkpoint_dir: str, tag: str, needed: int, free: int, cause: str) -> str:
+    previous = latest_tag(checkpoint_dir)
+    kept = (f"the previous checkpoint {checkpoint_dir}/{previous} is kept" if previous else "no checkpoint was saved")
+    return (f"cannot write checkpoint {tag} to {checkpoint_dir} ({cause}): it needs about {needed / 2**20:.1f} MiB, "
+            f"{free / 2**20:.1f} MiB are free; {kept}. Free some space (or lower keep_checkpoints) and rerun the "
+            f"same command to resume")
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def rotate_checkpoints(checkpoint_dir: str, keep: int) -> None:
-    tags = sorted(t for t in os.listdir(checkpoint_dir) if t.startswith("step") and
-                  os.path.isdir(os.path.join(checkpoint_dir, t)))
+    tags = sorted(t for t in os.listdir(checkpoint_dir) if t.startswith("step") and not t.endswith(PARTIAL_SUFFIX)
+                  and os.path.isdir(os.path.join(checkpoint_dir, t)))
     current = latest_tag(checkpoint_dir)
     for tag in tags[:-keep]:
         if tag != current:
@@ -107,9 +174,14 @@ def set_rng_state(state: dict) -> None:
 def evaluated_step(final_dir: str) -> int | None:
     """The step whose exported student final/eval.json scores, None when there is none (or it is older
     than this field). A run extended past that step is evaluated again."""
+    return (final_evaluation(final_dir) or {}).get("step")
+
+
+def final_evaluation(final_dir: str) -> dict | None:
+    """final/eval.json: {"step", "n", "accuracy", "per_type"}; None when there is none."""
     try:
         with open(os.path.join(final_dir, "eval.json")) as f:
-            return json.load(f).get("step")
+            return json.load(f)
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 

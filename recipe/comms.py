@@ -165,12 +165,16 @@ class Use:
         return self.block.modules[self.module]
 
 
-def micro_step_trace(student: VLMBlocks, teacher: VLMBlocks | None, *, switch: bool) -> list[Use]:
-    """The modules one micro-step runs, in order: student pass, teacher pass, switch pass, the LM heads
-    (student, teacher, switch), then the backward, which autograd runs from the most recently built nodes: the
-    switch branch down to E_S's output first, then the student. A checkpointed layer's backward starts at its
-    last module, whose saved input makes it run the layer forward again first. teacher: None when ZeRO does
-    not hold it (replicated, or plain SFT)."""
+def micro_step_trace(student: VLMBlocks, teacher: VLMBlocks | None, *, switch: bool,
+                     head_chunks: int = 1) -> list[Use]:
+    """The modules one micro-step runs, in order: student pass, teacher pass, switch pass, the loss head, then
+    the backward, which autograd runs from the most recently built nodes: the switch branch down to E_S's output
+    first, then the student. A checkpointed layer's backward starts at its last module, whose saved input makes
+    it run the layer forward again first. teacher: None when ZeRO does not hold it (replicated, or plain SFT).
+
+    The loss head (recipe/losses/head.py) runs the LM heads (student, teacher, switch) over head_chunks chunks
+    of rows; chunked (head_chunks >= 1), each chunk is checkpointed: its backward, last chunk first, runs the
+    chunk's heads forward again, then their backwards. head_chunks = 0: unchunked, the heads run once."""
     def fwd(*blocks):
         return [Use(b, m, "forward") for b in blocks for m in range(len(b.modules))]
 
@@ -185,16 +189,31 @@ def micro_step_trace(student: VLMBlocks, teacher: VLMBlocks | None, *, switch: b
             uses += [Use(b, m, "backward") for m in reversed(range(last))]
         return uses
 
+    def head_chunk_backward(heads, backward):
+        """A chunk's recomputation of its heads, then their backwards. As measured (DeepSpeed 0.19.8), the
+        teacher head, once gathered again for the recomputation, stays gathered through its backward in the
+        switch branch, as if that backward enclosed the recomputation; the student head follows the release
+        rule."""
+        uses = [Use(b, m, "recompute") for b in heads for m in range(len(b.modules))] + backward
+        if t is not None and switch:
+            first = next(i for i, u in enumerate(uses) if u.block is t.head)
+            last = next(i for i, u in enumerate(uses) if u.block is t.head and u.phase == "backward")
+            uses[first] = Use(t.head, uses[first].module, "recompute", encloses=last - first)
+        return uses
+
     s, t = student, teacher
     trace = fwd(*s.vision, s.projector, s.embed, *s.layers, s.norm)
+    heads = (s.head,)
     if t is not None:
         trace += fwd(*t.vision, t.projector, t.embed, *t.layers, t.norm)
         if switch:
             trace += fwd(t.projector, t.embed, *t.layers, t.norm)
-        trace += fwd(s.head, t.head) + (fwd(t.head) if switch else [])
-        trace += bwd(t.head, s.head, t.norm, *reversed(t.layers), t.embed, t.projector) if switch else bwd(s.head)
-    else:
-        trace += fwd(s.head) + bwd(s.head)
+        heads = (s.head, t.head, t.head) if switch else (s.head, t.head)
+    head_backward = bwd(t.head, s.head) if t is not None and switch else bwd(s.head)
+    trace += fwd(*heads) * max(1, head_chunks)
+    trace += head_chunk_backward(heads, head_backward) * head_chunks if head_chunks else head_backward
+    if t is not None and switch:
+        trace += bwd(t.norm, *reversed(t.layers), t.embed, t.projector)
     return trace + bwd(s.norm, *reversed(s.layers), s.embed, s.projector, *reversed(s.vision))
 
 
@@ -209,16 +228,18 @@ class Layout:
     persistence_threshold: int = 100_000  # stage3_param_persistence_threshold
     reuse_distance: int = 1_000_000_000  # stage3_max_reuse_distance
     hpz: int = 1  # zero_hpz_partition_size: ranks of one secondary partition (ZeRO++ hpZ)
+    # Chunks of rows the loss head runs in per micro-step (0: unchunked): ceil(most rows on a rank / chunk_rows).
+    head_chunks: int = 1
 
     @classmethod
-    def from_ds_config(cls, ds: dict, world: int):
+    def from_ds_config(cls, ds: dict, world: int, head_chunks: int = 1):
         zero = ds.get("zero_optimization", {})
         size = 2 if ds.get("bf16", {}).get("enabled") is True or ds.get("fp16", {}).get("enabled") is True else 4
         return cls(world=world, zero_stage=zero.get("stage", 0), grad_accum=ds["gradient_accumulation_steps"],
                    param_bytes=size, grad_bytes=size,
                    persistence_threshold=int(zero.get("stage3_param_persistence_threshold", 100_000)),
                    reuse_distance=int(zero.get("stage3_max_reuse_distance", 1_000_000_000)),
-                   hpz=int(zero.get("zero_hpz_partition_size", 1)))
+                   hpz=int(zero.get("zero_hpz_partition_size", 1)), head_chunks=head_chunks)
 
     def partition(self, numel: int) -> int:
         """A rank's share of a parameter (ZeRO pads parameters to a multiple of the ranks)."""
@@ -229,9 +250,9 @@ def gathers(trace: list[Use], layout: Layout) -> dict[str, list[int]]:
     """Element counts of the parameters all-gathered for one micro-step, by block, under ZeRO-3's release rule:
     after a module runs, its parameters stay gathered when their next use comes before reuse_distance elements
     of the trace have gone by, and while a backward that uses them is still running (a checkpointed layer's
-    recomputation runs inside the backward of its last module). A frozen module's recomputed parameters are
-    released with that backward, whatever comes next. Persistent (small) parameters are never gathered for a
-    use."""
+    recomputation runs inside the backward of its last module). A frozen module's parameters recomputed inside
+    such a backward are released with it, whatever comes next. Persistent (small) parameters are never gathered
+    for a use."""
     held, out = set(), {}
     active: dict[tuple, int] = {}  # module -> trace index where the backward it runs inside ends
     forced: dict[int, list[tuple]] = {}  # trace index -> frozen recomputed modules released there
@@ -247,7 +268,7 @@ def gathers(trace: list[Use], layout: Layout) -> dict[str, list[int]]:
             enclosing_end = active[use.key] = i + use.encloses
         elif use.key not in active:
             decide.append(use.key)
-        if use.phase == "recompute" and not use.block.trainable:
+        if use.phase == "recompute" and not use.block.trainable and i <= enclosing_end:
             forced.setdefault(enclosing_end, []).append(use.key)
         decide += [key for key, end in active.items() if end == i]
         for key in decide:
@@ -279,7 +300,8 @@ def gathered_per_step(student: VLMBlocks, teacher: VLMBlocks | None, layout: Lay
     micro-steps of gathers for the passes, then the refresh of the persistent parameters after the step."""
     held_by_zero = _in_zero(teacher, placement)
     out = {}
-    for name, numels in gathers(micro_step_trace(student, held_by_zero, switch=switch), layout).items():
+    for name, numels in gathers(micro_step_trace(student, held_by_zero, switch=switch,
+                                                     head_chunks=layout.head_chunks), layout).items():
         out[name] = numels * layout.grad_accum
     for blocks in (student, held_by_zero):
         for block in blocks.all() if blocks is not None else ():
@@ -345,6 +367,7 @@ GPUS_PER_NODE = 8
 # Measured on one H200 (SPEC's performance contract; recipe/configs/tinyllava_3b_to_0p5b.yaml's pair, random
 # init, micro-batch 8 x 1049 tokens, bf16, SDPA): a straightforward Switch-KD step and a plain SFT step.
 MEASURED_KD_S, MEASURED_SFT_S = 0.783, 0.210
+SUPERVISED_ROWS, CHUNK_ROWS = 1272, 512  # that micro-batch's supervised rows; loss.chunk_rows' default
 SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                      image_size=384, patch_size=14, vision_use_head=False)  # no pooling head, as TinyLLaVA
 QWEN = {  # the language models' shapes (untied LM heads, as in the measured pair)
@@ -386,7 +409,8 @@ PLANS = (Plan("ZeRO-3, teacher sharded", 3, "sharded"), Plan("ZeRO-3 + hpZ (8), 
 
 def traffic(student: VLMBlocks, teacher: VLMBlocks, gpus: int, plan: Plan) -> dict[str, float]:
     """Bytes each GPU receives per optimizer step (grad_accum 1, bf16), over NVLink and over the network."""
-    layout = Layout(world=gpus, zero_stage=plan.zero_stage, grad_accum=1, param_bytes=2, grad_bytes=2, hpz=plan.hpz)
+    layout = Layout(world=gpus, zero_stage=plan.zero_stage, grad_accum=1, param_bytes=2, grad_bytes=2, hpz=plan.hpz,
+                    head_chunks=-(-SUPERVISED_ROWS // CHUNK_ROWS))
     spread = (gpus - 1) / gpus
     grads = sum(n for b in student.all() if b.trainable and b.backward for n in b.numels) * 2
     if plan.zero_stage == 2:  # all-reduce of the gradients, all-gather of the updated student

@@ -7,6 +7,7 @@ value stops with a message that lists what is valid, before anything heavy is lo
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ ZeroStage = Literal[2, 3]
 # and gathered for each pass; replicated: whole on every GPU, outside ZeRO (no teacher gathers). At ZeRO-2
 # parameters are never partitioned, so both hold the whole teacher on every GPU.
 TeacherPlacement = Literal["sharded", "replicated"]
+Reporter = Literal["tensorboard", "wandb"]  # where metrics go besides metrics.jsonl (wandb: extra "monitoring")
 
 
 def choices(literal) -> tuple:
@@ -57,6 +59,7 @@ class DataConfig:
     # the shard converter records (recipe/data/lengths.py). The runs' size does not depend on the ranks.
     group_by_length: bool = False
     length_group_size: int = 2048
+    max_skipped_fraction: float = 0.01  # unreadable samples per epoch above which the run stops (see skipped.jsonl)
 
 
 @dataclass
@@ -116,6 +119,8 @@ class TrainConfig:
     eval_max_new_tokens: int = 16
     eval_batch_size: int = 16
     eval_max_samples: int | None = None
+    report_to: list[Reporter] = field(default_factory=lambda: ["tensorboard"])  # [] : metrics.jsonl only
+    max_bad_steps: int = 5  # steps in a row with a non-finite loss or gradient norm (each skipped) before stopping
 
     @property
     def distill(self) -> bool:
@@ -214,13 +219,16 @@ def validate(config: TrainConfig) -> TrainConfig:
     if (config.max_steps is None) == (config.epochs is None):
         problems.append("give exactly one of max_steps and epochs")
     for key in ("micro_batch_size", "grad_accum", "save_every", "keep_checkpoints", "data.max_length",
-                "data.length_group_size", "log_every",
-                "eval_batch_size", "eval_max_new_tokens", "max_steps", "eval_max_samples"):
+                "data.length_group_size", "log_every", "eval_batch_size", "eval_max_new_tokens", "max_steps",
+                "eval_max_samples", "max_bad_steps"):
         if _lookup(config, key) is not None and _lookup(config, key) < 1:
             problems.append(f"{key} must be >= 1, got {_lookup(config, key)}")
     for key in ("data.num_workers", "eval_every", "optim.warmup_steps", "optim.weight_decay", "grad_clip"):
         if _lookup(config, key) < 0:
             problems.append(f"{key} must be >= 0, got {_lookup(config, key)}")
+    if not 0 <= config.data.max_skipped_fraction <= 1:
+        problems.append(f"data.max_skipped_fraction must be in [0, 1], got {config.data.max_skipped_fraction}")
+    problems += _missing_reporters(config.report_to)
     if config.epochs is not None and config.epochs <= 0:
         problems.append(f"epochs must be > 0, got {config.epochs}")
     optim = config.optim
@@ -251,6 +259,20 @@ def validate(config: TrainConfig) -> TrainConfig:
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
     return config
+
+
+def _missing_reporters(report_to: list[str]) -> list[str]:
+    """A reporter whose library is not installed is a setup mistake, caught before anything is loaded."""
+    packages = {"tensorboard": ("tensorboard", "pip install tensorboard, or report_to: []"),
+                "wandb": ("wandb", "pip install -e .[monitoring]")}
+    return [f"report_to: {name} needs the {packages[name][0]} package ({packages[name][1]})"
+            for name in dict.fromkeys(report_to) if importlib.util.find_spec(packages[name][0]) is None]
+
+
+def add_set_argument(parser, help_suffix: str = "") -> None:
+    """--set KEY=VALUE [KEY=VALUE ...], repeatable: every pair lands in one flat list (args.overrides)."""
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config keys, e.g. --set optim.lr=1e-4 max_steps=100 (repeatable)" + help_suffix)
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:

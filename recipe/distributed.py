@@ -1,10 +1,14 @@
-"""The process group as the loop sees it: ranks, reductions across them, seeding, and stop signals."""
+"""The process group as the loop sees it: ranks, reductions across them, seeding, stop signals, and the
+end of the helper processes (DataLoader workers) with the trainer."""
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
 import os
 import random
 import signal
 import socket
+import sys
 
 import numpy as np
 import torch
@@ -38,6 +42,15 @@ def all_reduce_mean(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def all_gather_lists(items: list) -> list:
+    """Every rank's list, concatenated in rank order (picklable items; for rare, small reports)."""
+    if not dist.is_initialized():
+        return list(items)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
+
+
 def any_rank(flag: bool, device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     if dist.is_initialized():
@@ -65,3 +78,25 @@ class StopRequest:
     @property
     def requested(self) -> bool:
         return self.signal_name is not None
+
+
+def die_with_parent() -> None:
+    """The kernel sends this process SIGKILL when its parent dies (Linux). In DataLoader workers: a trainer
+    killed with kill -9 or by the OOM killer leaves no worker behind (elsewhere DataLoader's own watchdog
+    ends an idle worker within seconds). In ranks started by torchrun: a launcher killed with kill -9 takes
+    its ranks with it, instead of leaving them to train on beside the rerun. (A parent that died before this
+    call is noticed otherwise: by DataLoader's watchdog in a worker, at the rendezvous with torchrun's
+    store in a rank, which therefore calls this before joining the process group.)"""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+
+
+def kill_worker_processes() -> None:
+    """SIGKILL what is left of the daemonic multiprocessing children (DataLoader workers) after their
+    orderly shutdown. They ignore SIGTERM (see recipe.train), so multiprocessing's exit handler, which
+    terminates them with SIGTERM and then joins them, would otherwise wait forever for one that is stuck."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=5)

@@ -15,6 +15,15 @@ def fsync_and_rename(f, tmp_path: str, final_path: str) -> None:
     os.replace(tmp_path, final_path)
 
 
+def fsync_path(path: str) -> None:
+    """fsync a file or a directory (a directory's fsync makes the renames inside it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomically(path: str, data: bytes) -> None:
     tmp = path + TMP_SUFFIX
     f = open(tmp, "wb")  # closed by fsync_and_rename

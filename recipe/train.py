@@ -5,10 +5,12 @@
 Read top to bottom: config -> distributed -> models, data and engine -> resume -> loop (train_step) -> finish
 (export and final evaluation).
 Rerunning the same command resumes from the newest complete checkpoint in output_dir/checkpoints.
+Any error ends every rank with a non-zero exit and no DataLoader worker left behind (MicroBatches.close).
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import os
@@ -18,14 +20,25 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 
-from recipe.checkpoints import evaluated_step, export_student, latest_tag, load_checkpoint, save_checkpoint
-from recipe.config import ConfigError, load_config, to_dict
+from recipe.checkpoints import (
+    evaluated_step,
+    export_student,
+    final_evaluation,
+    latest_tag,
+    load_checkpoint,
+    save_checkpoint,
+)
+from recipe.config import ConfigError, add_set_argument, load_config, to_dict
 from recipe.distributed import (
     StopRequest,
+    all_gather_lists,
     all_reduce_mean,
     any_rank,
+    die_with_parent,
     ensure_distributed_env,
+    kill_worker_processes,
     rank,
     seed_everything,
     world_size,
@@ -40,7 +53,15 @@ from recipe.engine import (
     zero3_loading,
 )
 from recipe.files import write_atomically
-from recipe.metrics import MetricsLog
+from recipe.guards import (
+    BadSteps,
+    SkippedSamples,
+    backward_source,
+    bad_step_reason,
+    check_weights,
+    weights_finite,
+)
+from recipe.metrics import JsonlLog, MetricsLog
 from recipe.resume import plan_resume, prepare_universal, run_state
 
 LOSS_TERMS = ("loss", "ce", "align", "vsd")
@@ -49,8 +70,7 @@ LOSS_TERMS = ("loss", "ce", "align", "vsd")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Switch-KD / SFT training on DeepSpeed")
     parser.add_argument("--config", required=True, help="YAML file (see recipe/configs/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set optim.lr=1e-4 (repeatable)")
+    add_set_argument(parser)
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return parser.parse_args(argv)
 
@@ -128,11 +148,31 @@ def _image_processor_or_none(path: str):
         return None
 
 
+def check_paths(cfg) -> None:
+    """Everything the run reads or writes later, checked before anything is loaded: a missing eval split
+    must not surface after hours of training. (Model paths: build_models; ds_config: deepspeed_config.)"""
+    from recipe.data import ShardDataset
+
+    for key in ("data.train", "data.eval"):
+        dirs = getattr(cfg.data, key.split(".")[1])
+        try:
+            if dirs:
+                ShardDataset(dirs)  # each index.json, and every shard file it lists
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"{key}: {e}") from e
+    try:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"output_dir: cannot create {cfg.output_dir!r}: {e}") from e
+    if not os.access(cfg.output_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir: {cfg.output_dir!r} is not writable")
+
+
 def build_data(cfg, student, tokenizer):
-    from recipe.data import Collator, ResumableDistributedSampler, ShardDataset
+    from recipe.data import Collator, ResumableDistributedSampler, ShardDataset, SkipUnreadable
     from recipe.models import ImageInputs, load_image_inputs, load_image_processor, same_preprocessing
 
-    dataset = ShardDataset(cfg.data.train)
+    dataset = SkipUnreadable(ShardDataset(cfg.data.train))  # bad data met in training is skipped, not fatal
     # One global order whatever the number of ranks, cut into optimizer steps and micro-batches of fixed
     # sizes: a run resumed on another number of ranks continues it (recipe/resume.py).
     sampler = ResumableDistributedSampler(len(dataset), rank=rank(), world_size=world_size(), seed=cfg.seed,
@@ -173,24 +213,47 @@ def plan_steps(cfg, num_samples: int, world: int) -> int:
     return max(1, int(cfg.epochs * steps_per_epoch))
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
+def _init_worker(worker_id: int) -> None:
     """In DataLoader workers. SLURM signals every process of a job step (scancel, requeue, preemption); a
     worker killed by that SIGTERM would crash the trainer before it can save. The trainer alone decides
-    when to stop, and shuts its workers down itself."""
+    when to stop, and shuts its workers down itself (MicroBatches.close); a trainer that dies takes its
+    workers with it."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    die_with_parent()
 
 
-def batches(dataset, sampler, collator, cfg):
-    """Micro-batches forever, epoch after epoch, from wherever the sampler stands."""
-    while True:
-        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.micro_batch_size, sampler=sampler,
-                                             collate_fn=collator, num_workers=cfg.data.num_workers,
-                                             drop_last=True, persistent_workers=False,
-                                             worker_init_fn=_ignore_stop_signals)
-        for batch in loader:
-            yield batch
-        sampler.set_epoch(sampler.epoch + 1)
+class MicroBatches:
+    """Micro-batches forever, epoch after epoch, from wherever the sampler stands (one DataLoader pass
+    per epoch). close() ends the DataLoader's workers: it runs at interpreter exit, whatever ended the
+    run (an exception anywhere, sys.exit), before multiprocessing's own exit handler, which would wait
+    forever for workers that ignore its SIGTERM."""
+
+    def __init__(self, dataset, sampler, collator, cfg):
+        self.sampler = sampler
+        self.loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.micro_batch_size, sampler=sampler,
+                                                  collate_fn=collator, num_workers=cfg.data.num_workers,
+                                                  drop_last=True, persistent_workers=False,
+                                                  worker_init_fn=_init_worker)
+        self._epoch = None  # the DataLoader's iterator over this epoch; never held by a local variable
+        atexit.register(self.close)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        while True:
+            if self._epoch is None:
+                self._epoch = iter(self.loader)
+            batch = next(self._epoch, None)
+            if batch is not None:
+                return batch
+            self._epoch = None
+            self.sampler.set_epoch(self.sampler.epoch + 1)
+
+    def close(self) -> None:
+        self._epoch = None  # the last reference: DataLoader shuts its workers down (end signal, join)
+        kill_worker_processes()  # any that did not stop in time
 
 
 def stand_in_batch(pad_id: int) -> dict:
@@ -239,7 +302,7 @@ class Run:
     student: torch.nn.Module
     tokenizer: object
     sampler: object
-    data: object  # micro-batches, forever (batches())
+    data: MicroBatches
     max_steps: int
     zero3_loading: object  # ZeRO-3's partitioned loading, kept alive for the run (transformers holds a weak ref)
     comms: object = None  # recipe.comms.CommsMeter with log_comms: each step's collectives
@@ -274,7 +337,7 @@ def build_run(cfg, precision: str, load_universal: bool = False) -> Run:
         dataset, sampler, collator = build_data(cfg, student, tokenizer)
         if cfg.data.group_by_length:
             from recipe.data.lengths import estimate_lengths
-            sampler.group_by_length(estimate_lengths(dataset, cfg.data.train, collator, cfg.data.max_length,
+            sampler.group_by_length(estimate_lengths(dataset.dataset, cfg.data.train, collator, cfg.data.max_length,
                                                      progress=rank() == 0), cfg.data.length_group_size)
         max_steps = plan_steps(cfg, len(dataset), world_size())
     except ConfigError:
@@ -289,7 +352,7 @@ def build_run(cfg, precision: str, load_universal: bool = False) -> Run:
             print(f"[train] {teacher_line(cfg, ds_config, student, teacher)}", flush=True)
     engine, scheduler = build_engine(cfg, ds_config, student, teacher, max_steps, shared_vocab)
     return Run(engine=engine, scheduler=scheduler, student=student, tokenizer=tokenizer, sampler=sampler,
-               data=batches(dataset, sampler, collator, cfg), max_steps=max_steps, zero3_loading=zero3,
+               data=MicroBatches(dataset, sampler, collator, cfg), max_steps=max_steps, zero3_loading=zero3,
                comms=CommsMeter() if cfg.log_comms else None)
 
 
@@ -308,13 +371,18 @@ def teacher_line(cfg, ds_config: dict, student, teacher) -> str:
     return placement_summary(
         vlm_blocks(student, trainable=True, checkpointing=checkpointing, train_vision_tower=cfg.train_vision_tower),
         vlm_blocks(teacher, trainable=False, checkpointing=checkpointing),
-        Layout.from_ds_config(ds_config, world_size()), switch=cfg.loss.vsd_weight > 0,
+        # A micro-batch of up to chunk_rows supervised rows: one chunk of the loss head.
+        Layout.from_ds_config(ds_config, world_size(), head_chunks=1 if cfg.loss.chunk_rows else 0),
+        switch=cfg.loss.vsd_weight > 0,
         placement=cfg.teacher_placement)
 
 
-def train_step(run: Run, cfg) -> dict:
+def train_step(run: Run, cfg) -> tuple[dict, list[dict]]:
     """One optimizer step: grad_accum micro-batches, each forward and backward; DeepSpeed steps the optimizer
-    and the LR schedule at the accumulation boundary. Returns the step's record, averaged over the ranks."""
+    and the LR schedule at the accumulation boundary, unless the gradient norm is not finite: then it skips
+    both, on every rank (a non-finite loss is made to count as one: backward_source), and the record says
+    why (bad_step) and which samples the step had (bad_step_samples). Returns the step's record, averaged
+    over the ranks, and the samples all ranks left out as bad data (for skipped.jsonl)."""
     started = time.time()
     world = world_size()
     if run.comms is not None:
@@ -322,29 +390,38 @@ def train_step(run: Run, cfg) -> dict:
     lr = run.scheduler.get_last_lr()[0]  # the LR this step uses
     sums = dict.fromkeys(LOSS_TERMS, 0.0)
     tokens = slots = dropped = 0  # slots: tokens + padding
+    skipped, sample_ids = [], []
     for _ in range(cfg.grad_accum):
         batch = next(run.data)
         run.sampler.advance(cfg.micro_batch_size * world)
         dropped += sum(batch["dropped"].values())
+        skipped += batch["skipped"]
+        sample_ids += batch["ids"]
         if batch["input_ids"].shape[0] == 0:
             batch = stand_in_batch(run.tokenizer.pad_token_id)
         tokens += int(batch["attention_mask"].sum())
         slots += batch["attention_mask"].numel()
         out = run.engine(to_device(batch, run.engine.device))
-        run.engine.backward(out["loss"])
+        run.engine.backward(backward_source(out["loss"]))
         run.engine.step()
         terms = torch.stack([out[key].detach().float() for key in LOSS_TERMS]).tolist()  # one device sync, not four
         for key, value in zip(LOSS_TERMS, terms):
             sums[key] += value / cfg.grad_accum
-    *terms, tokens, slots, dropped = all_reduce_mean([*sums.values(), tokens, slots, dropped], run.engine.device)
+    *terms, tokens, slots, dropped, any_skipped = all_reduce_mean(
+        [*sums.values(), tokens, slots, dropped, len(skipped)], run.engine.device)
     elapsed = time.time() - started
     record = {**dict(zip(LOSS_TERMS, terms)), "lr": lr, "grad_norm": _float(run.engine.get_global_grad_norm()),
               "samples_per_s": cfg.micro_batch_size * cfg.grad_accum * world / elapsed,
               "tokens_per_s": tokens * world / elapsed, "padding_fraction": 1 - tokens / slots,
-              "dropped_samples": int(round(dropped * world)), "epoch": run.sampler.epoch}
+              "dropped_samples": int(round(dropped * world)), "skipped_samples": int(round(any_skipped * world)),
+              "epoch": run.sampler.epoch}
     if run.comms is not None:
         record["comms"] = run.comms.read()  # this rank's (rank 0 writes the record)
-    return record
+    # Both conditions hold on every rank alike (reduced values, DeepSpeed's global norm): so do the gathers.
+    reason = bad_step_reason(dict(zip(LOSS_TERMS, terms)), run.engine.was_step_applied(), run.engine.fp16_enabled())
+    if reason is not None:
+        record.update(bad_step=reason, bad_step_samples=all_gather_lists(sample_ids))
+    return record, (all_gather_lists(skipped) if any_skipped else [])
 
 
 def finish(run: Run, cfg, step: int, metrics: MetricsLog) -> None:
@@ -357,20 +434,26 @@ def finish(run: Run, cfg, step: int, metrics: MetricsLog) -> None:
         print(f"[train] done: {step} steps; student exported to {final_dir}", flush=True)
     if cfg.data.eval and not already_evaluated:
         record = evaluate_during_training(cfg, run.engine, run.student, run.tokenizer, step)
-        metrics.write(record)
         if rank() == 0:  # atomically: it marks the run as evaluated at this step (here and in recipe.ablation)
             write_atomically(os.path.join(final_dir, "eval.json"),
                              json.dumps({"step": step, **record["eval"]}, indent=1).encode())
+        metrics.write(record)
+    elif already_evaluated and not metrics.has_eval(step):  # killed between the two writes above
+        metrics.write({"step": step, "eval": {k: v for k, v in final_evaluation(final_dir).items() if k != "step"}})
 
 
+@record  # under torchrun: the failing rank's traceback goes into torchrun's error summary
 def main(argv=None):
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        check_paths(cfg)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     precision = cfg.precision if cfg.precision != "auto" else auto_precision()
     stop = StopRequest()  # first: a preemption signal during start-up must not be lost
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun (not by a shell it may outlive)
+        die_with_parent()
 
     # ---- distributed
     import deepspeed
@@ -405,7 +488,7 @@ def main(argv=None):
 
     # ---- resume
     os.makedirs(cfg.output_dir, exist_ok=True)
-    step = 0
+    step, state = 0, {}
     if plan is not None:
         state = load_checkpoint(engine, checkpoint_dir, tag, universal=plan.universal)
         step = state["step"]
@@ -413,19 +496,30 @@ def main(argv=None):
         if is_main:
             print(f"[train] resumed from {checkpoint_dir}/{tag} at step {step}", flush=True)
     elif is_main:
-        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-            json.dump(to_dict(cfg), f, indent=2)
-    metrics = MetricsLog(os.path.join(cfg.output_dir, "metrics.jsonl"), resume_step=step)
+        write_atomically(os.path.join(cfg.output_dir, "config.json"), json.dumps(to_dict(cfg), indent=2).encode())
+    metrics = MetricsLog(os.path.join(cfg.output_dir, "metrics.jsonl"), resume_step=step, report_to=cfg.report_to,
+                         run_config=to_dict(cfg))
+    skips = SkippedSamples(JsonlLog(os.path.join(cfg.output_dir, "skipped.jsonl"), resume_step=step),
+                           epoch_size=run.sampler.num_samples, max_fraction=cfg.data.max_skipped_fraction,
+                           state=state.get("skipped"))
+    bad_steps = BadSteps(cfg.max_bad_steps, state=state.get("bad_steps"))
+    last_saved = os.path.join(checkpoint_dir, tag) if tag is not None else None  # named when a run stops
 
     # ---- loop
     from tqdm import tqdm
     bar = tqdm(total=run.max_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
     engine.train()
     while step < run.max_steps:
-        record = train_step(run, cfg)
+        record, skipped = train_step(run, cfg)
         step += 1
-        if step % cfg.log_every == 0 or step == run.max_steps:
+        if step % cfg.log_every == 0 or step == run.max_steps or "bad_step" in record:
             metrics.write({"step": step, **record})
+        if "bad_step" in record and is_main:
+            print(f"\n[train] step {step} skipped ({record['bad_step']}; no update): samples "
+                  f"{record['bad_step_samples']}", flush=True)
+        skips.add(skipped, step, record["epoch"])  # these raise RunStopped on every rank alike
+        bad_steps.update(step, "bad_step" in record, last_saved)
+        check_weights(not any_rank(not weights_finite(run.student), engine.device), step, last_saved)
         bar.set_postfix(loss=f"{record['loss']:.4f}", ce=f"{record['ce']:.3f}", align=f"{record['align']:.3f}",
                         vsd=f"{record['vsd']:.3f}", sps=f"{record['samples_per_s']:.1f}")
         bar.update(1)
@@ -436,16 +530,20 @@ def main(argv=None):
 
         stopping = any_rank(stop.requested, engine.device)
         if step % cfg.save_every == 0 or stopping or step == run.max_steps:
-            save_checkpoint(engine, checkpoint_dir, step, run_state(cfg, step, run.sampler.state_dict(), world_size()),
-                            cfg.keep_checkpoints)
+            saved = save_checkpoint(engine, checkpoint_dir, step, {
+                **run_state(cfg, step, run.sampler.state_dict(), world_size()), "skipped": skips.state_dict(),
+                "bad_steps": bad_steps.state_dict()}, cfg.keep_checkpoints)
+            last_saved = os.path.join(checkpoint_dir, saved)
         if stopping and step < run.max_steps:
             if is_main:
                 print(f"\n[train] stop requested ({stop.signal_name or 'another rank'}): saved step {step}, "
                       f"exiting; rerun the same command to resume", flush=True)
             bar.close()
+            metrics.close()
             return 0
     bar.close()
     finish(run, cfg, step, metrics)
+    metrics.close()
     return 0
 
 

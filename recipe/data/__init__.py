@@ -11,7 +11,7 @@ from recipe.data.conversation import (
     render_chatml,
     to_messages,
 )
-from recipe.data.dataset import ShardDataset
+from recipe.data.dataset import ShardDataset, SkipUnreadable, UnreadableSample
 from recipe.data.sampler import ResumableDistributedSampler
 from recipe.data.shards import InputError, NothingKept, convert_to_shards, read_index, summary_line
 from recipe.data.validate import IMAGE_TAG, Reject, check_image_tags, check_sample
@@ -26,6 +26,8 @@ __all__ = [
     "Reject",
     "ResumableDistributedSampler",
     "ShardDataset",
+    "SkipUnreadable",
+    "UnreadableSample",
     "chat_renderer",
     "check_image_tags",
     "check_sample",

@@ -12,6 +12,9 @@ Batch dict:
   has_image       (B,) bool
   ids             list of B sample ids
   dropped         {reason: count} of items left out of this batch (see conversation.DroppedSample)
+  skipped         [{"id", "shard", "index", "reason"}] of items that could not be read (the dataset's
+                  SkipUnreadable) or encoded (image tags that do not match, a conversation the chat
+                  template cannot render): bad data met at training time, reported in skipped.jsonl
 
 Items that cannot be encoded (too long) are dropped from the batch, not replaced, so B can be
 smaller than the number of items - and 0 when all are dropped (input_ids of shape (0, 0)). The
@@ -21,10 +24,14 @@ because the collator runs inside DataLoader worker processes, whose state the tr
 """
 
 import torch
+from jinja2 import TemplateError
 from PIL import Image
 
 from recipe.data.conversation import IGNORE_INDEX, DroppedSample, encode_conversation
+from recipe.data.dataset import UNREADABLE
 from recipe.data.validate import IMAGE_TAG, Reject, check_image_tags
+
+UNRENDERABLE = (ValueError, TemplateError)  # a conversation the chat template cannot render (its raise_exception)
 
 
 class FixedCountImages:
@@ -93,13 +100,17 @@ class Collator:
         self._empty = {}  # id(images) -> its tensors for no image, for batches without images
 
     def __call__(self, items: list[dict]) -> dict:
-        rows, images, teacher_images, dropped = [], [], [], {}
+        rows, images, teacher_images, dropped, skipped = [], [], [], {}, []
         for item in items:
+            if UNREADABLE in item:
+                skipped.append(_skip_record(item, item[UNREADABLE]))
+                continue
             with_image = item.get("image") is not None
             try:
                 check_image_tags(item["conversations"], with_image=with_image, image_tag=self.image_tag)
             except Reject as error:
-                raise ValueError(f"sample {item.get('id')!r}: {error}") from None
+                skipped.append(_skip_record(item, str(error)))
+                continue
             image_ids, tensors, teacher_tensors = [], None, None
             if with_image:
                 text, tensors = self.images(item["image"])
@@ -119,6 +130,9 @@ class Collator:
                 )
             except DroppedSample as drop:
                 dropped[drop.reason] = dropped.get(drop.reason, 0) + 1
+                continue
+            except UNRENDERABLE as error:
+                skipped.append(_skip_record(item, f"chat template: {type(error).__name__}: {error}"))
                 continue
             rows.append((item.get("id"), encoded, with_image))
             if with_image:
@@ -144,6 +158,7 @@ class Collator:
             "has_image": torch.tensor([with_image for _, _, with_image in rows], dtype=torch.bool),
             "ids": [sample_id for sample_id, _, _ in rows],
             "dropped": dropped,
+            "skipped": skipped,
         }
         if self.teacher_images is not None:
             teacher = self._image_tensors(self.teacher_images, teacher_images)
@@ -170,3 +185,8 @@ class Collator:
             self._empty[id(images)] = {key: value[:0].float() if value.is_floating_point() else value[:0]
                                        for key, value in probe.items()}
         return self._empty[id(images)]
+
+
+def _skip_record(item: dict, reason: str) -> dict:
+    """What skipped.jsonl says about an item left out as bad data."""
+    return {"id": item.get("id"), **item.get("source", {}), "reason": reason}

@@ -4,6 +4,11 @@ Global sample i -> (shard, position) through each directory's index.json. The fi
 shard scans its tar headers once (tarfile skips over the data) and caches (offset, size) of every
 member, so later reads are one pread each. File descriptors are opened lazily and per process, so
 the dataset can be pickled into DataLoader workers (fork or spawn).
+
+A shard damaged after conversion (truncated by a copy, bytes corrupted on disk) keeps what can still
+be read: the scan stops at the damage, and a sample that cannot be read or decoded raises
+UnreadableSample, which names it and its shard. For training, SkipUnreadable turns that into an item
+the collator leaves out and reports (recipe.data.collate: batch["skipped"]).
 """
 
 import bisect
@@ -18,6 +23,15 @@ from recipe.data.images import decode_rgb
 from recipe.data.shards import read_index
 
 MAX_OPEN_FILES = 16  # per process; more shards than this are reopened as needed
+UNREADABLE = "unreadable"  # key of the item SkipUnreadable returns in place of a sample it cannot read
+
+
+class UnreadableSample(Exception):
+    """Sample `index` (global) of shard `shard` cannot be read or decoded; `reason` says why."""
+
+    def __init__(self, index: int, shard: str, reason: str, sample_id=None):
+        super().__init__(f"sample {index} ({shard}): {reason}")
+        self.index, self.shard, self.reason, self.sample_id = index, shard, reason, sample_id
 
 
 class ShardDataset(torch.utils.data.Dataset):
@@ -30,7 +44,11 @@ class ShardDataset(torch.utils.data.Dataset):
         self.shard_paths, self.shard_sizes = [], []
         for shard_dir in dirs:
             for shard in read_index(shard_dir)["shardlist"]:
-                self.shard_paths.append(os.path.join(shard_dir, shard["url"]))
+                path = os.path.join(shard_dir, shard["url"])
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"{path}: listed in {shard_dir}/index.json but missing; reconvert "
+                                            f"this directory or restore the file")
+                self.shard_paths.append(path)
                 self.shard_sizes.append(int(shard["nsamples"]))
         self.starts = [0]  # global index of each shard's first sample
         for size in self.shard_sizes:
@@ -43,9 +61,22 @@ class ShardDataset(torch.utils.data.Dataset):
         return self.starts[-1]
 
     def __getitem__(self, i: int) -> dict:
-        sample, image_bytes = self.read(i)
-        sample["image"] = decode_rgb(image_bytes) if image_bytes is not None else None
+        sample = None
+        try:
+            sample, image_bytes = self.read(i)
+            if image_bytes is None and sample.get("image"):
+                raise ValueError(f"its image member ({sample['image']}) is missing from the shard")
+            sample["image"] = decode_rgb(image_bytes) if image_bytes is not None else None
+        except IndexError:
+            raise
+        except Exception as error:  # a damaged shard: OSError, tar/JSON/Unicode errors, whatever PIL raises
+            sample_id = sample.get("id") if isinstance(sample, dict) else None
+            raise UnreadableSample(i % len(self), self.shard_of(i), f"{type(error).__name__}: {error}",
+                                   sample_id) from error
         return sample
+
+    def shard_of(self, i: int) -> str:
+        return self.shard_paths[bisect.bisect_right(self.starts, i % len(self)) - 1]
 
     def meta(self, i: int) -> dict:
         """The sample's JSON record only (no image decoding); "image" is the original relative path."""
@@ -64,23 +95,34 @@ class ShardDataset(torch.utils.data.Dataset):
             raise IndexError(f"sample {i} out of range for {len(self)} samples")
         i %= len(self)
         shard = bisect.bisect_right(self.starts, i) - 1
-        return shard, self._member_table(shard)[i - self.starts[shard]]
+        samples = self._member_table(shard)
+        position = i - self.starts[shard]
+        if position >= len(samples):
+            raise ValueError(f"only the first {len(samples)} of the {self.shard_sizes[shard]} samples its index lists "
+                             f"can be read from the shard (truncated or damaged after conversion?); this is "
+                             f"sample {position}")
+        if "json" not in samples[position]:
+            raise ValueError("its .json member is missing from the shard")
+        return shard, samples[position]
 
     def _member_table(self, shard: int) -> list[dict]:
+        """(offset, size) of every member, per sample in tar order, as far as the tar can be scanned: a
+        truncated or damaged shard ends the scan early (tarfile stops at a bad header or raises at a cut)."""
         if shard not in self._members:
             samples, keys = [], {}
-            with tarfile.open(self.shard_paths[shard], mode="r:") as tar:
-                for member in tar:
-                    key, _, ext = member.name.partition(".")
-                    if key not in keys:
-                        keys[key] = len(samples)
-                        samples.append({})
-                    samples[keys[key]][ext] = (member.offset_data, member.size)
-            if len(samples) != self.shard_sizes[shard] or any("json" not in s for s in samples):
-                raise ValueError(
-                    f"{self.shard_paths[shard]}: {len(samples)} samples on disk, index says "
-                    f"{self.shard_sizes[shard]} (or a sample lacks its .json); reconvert this directory"
-                )
+            with tarfile.open(self.shard_paths[shard], mode="r:") as tar:  # a missing or empty file raises here
+                try:
+                    for member in tar:
+                        key, _, ext = member.name.partition(".")
+                        if key not in keys:
+                            keys[key] = len(samples)
+                            samples.append({})
+                        samples[keys[key]][ext] = (member.offset_data, member.size)
+                except (tarfile.TarError, OSError):
+                    pass  # the samples scanned so far stay readable; the rest raise in _locate
+            if len(samples) > self.shard_sizes[shard]:
+                raise ValueError(f"{self.shard_paths[shard]}: {len(samples)} samples on disk, index says "
+                                 f"{self.shard_sizes[shard]}; reconvert this directory")
             self._members[shard] = samples
         return self._members[shard]
 
@@ -113,3 +155,24 @@ class ShardDataset(torch.utils.data.Dataset):
                     os.close(fd)
                 except OSError:
                     pass
+
+
+class SkipUnreadable(torch.utils.data.Dataset):
+    """Training's view of a ShardDataset: a sample that cannot be read becomes {UNREADABLE: reason, ...}
+    instead of an exception that would end the run from inside a DataLoader worker. Every item carries
+    "source" (its shard and global index) for the report of a sample left out later (collate)."""
+
+    def __init__(self, dataset: ShardDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        try:
+            item = self.dataset[i]
+        except UnreadableSample as error:
+            return {"id": error.sample_id, UNREADABLE: error.reason,
+                    "source": {"shard": error.shard, "index": error.index}}
+        item["source"] = {"shard": self.dataset.shard_of(i), "index": i % len(self.dataset)}
+        return item

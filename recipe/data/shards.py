@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from recipe.data.images import image_extension, reencode, shrink_to_max_side
 from recipe.data.validate import Reject, check_sample, has_image, read_image_file
-from recipe.files import TMP_SUFFIX, fsync_and_rename, write_atomically
+from recipe.files import TMP_SUFFIX, fsync_and_rename, fsync_path, write_atomically
 
 INDEX_NAME = "index.json"
 REJECTS_NAME = "rejects.jsonl"
@@ -140,14 +140,6 @@ def _tar_member(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _open_shard(path: str) -> tarfile.TarFile:
     """A tar writing to PATH.tmp; _close_shard moves it to PATH once complete."""
     return tarfile.open(fileobj=open(path + TMP_SUFFIX, "wb"), mode="w", format=tarfile.USTAR_FORMAT)
@@ -240,7 +232,7 @@ def convert_to_shards(
     _remove_stale_shards(out_dir, {shard["url"] for shard in shardlist})
     index = {"__kind__": INDEX_KIND, "wids_version": 1, "shardlist": shardlist, "stats": stats}
     write_atomically(os.path.join(out_dir, INDEX_NAME), _index_json(index, sizes).encode())
-    _fsync_dir(out_dir)
+    fsync_path(out_dir)
     return stats
 
 

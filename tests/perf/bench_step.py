@@ -148,7 +148,8 @@ def synthetic_batch(shape: Shape) -> dict:
     size = shape.vision["image_size"]
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
             "pixel_values": torch.randn(shape.batch, 3, size, size, generator=generator),
-            "has_image": torch.ones(shape.batch, dtype=torch.bool), "ids": list(range(shape.batch)), "dropped": {}}
+            "has_image": torch.ones(shape.batch, dtype=torch.bool), "ids": list(range(shape.batch)), "dropped": {},
+            "skipped": []}
 
 
 def bench_config(shape_name: str, mode: str, max_steps: int, overrides: list[str], output_dir: str):
@@ -291,7 +292,7 @@ def run_mode(mode: str, args, output_dir: str) -> dict:
         if step == args.warmup and cuda:
             torch.cuda.reset_peak_memory_stats()
         clock.mark("start")
-        record = train_step(run, cfg)
+        record, _ = train_step(run, cfg)
         clock.mark("record")
         phases = clock.take()
         if step >= args.warmup:
