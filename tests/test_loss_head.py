@@ -209,7 +209,8 @@ if torch.distributed.get_rank() == 0:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [2, 3])
+# ZeRO-3 (partitioned heads: every rank must call them equally often) is the harder case
+@pytest.mark.parametrize("zero_stage", [pytest.param(2, marks=pytest.mark.extended), 3])
 def test_chunked_head_under_zero_on_two_ranks(tmp_path, demo_assets, zero_stage):
     """Each rank has its own micro-batch (other rows); under ZeRO-3 the heads are partitioned (persistence
     threshold 0), so every rank must call them equally often, whatever its rows."""
@@ -237,7 +238,8 @@ def test_chunked_head_under_zero_on_two_ranks(tmp_path, demo_assets, zero_stage)
     want = result.pop("0")
     assert min(want["rows"]) > 5 and want["rows"][0] != want["rows"][1] and want["terms"]["vsd"] > 0
     for chunk_rows, got in result.items():
-        assert got["terms"] == pytest.approx(want["terms"], rel=1e-5), chunk_rows
+        # float32 sums in another order: vsd (about 1e-3 of the loss) moves by about 1e-5 of itself
+        assert got["terms"] == pytest.approx(want["terms"], rel=1e-4, abs=1e-7), chunk_rows
         for name, grad in want["grads"].items():
             assert torch.allclose(torch.tensor(got["grads"][name]), torch.tensor(grad), rtol=1e-4, atol=1e-7), \
                 (chunk_rows, name)
