@@ -364,7 +364,7 @@ def placement_summary(student: VLMBlocks, teacher: VLMBlocks, layout: Layout, *,
 NVLINK = 900e9  # bytes/s per GPU inside a node
 NETWORK = 400e9 / 8  # bytes/s per GPU between nodes (400 Gb/s)
 GPUS_PER_NODE = 8
-# Measured on one H200 (SPEC's performance contract; recipe/configs/tinyllava_3b_to_0p5b.yaml's pair, random
+# Measured on one H200 (docs/method.md's performance contract; recipe/configs/tinyllava_3b_to_0p5b.yaml's pair, random
 # init, micro-batch 8 x 1049 tokens, bf16, SDPA): a straightforward Switch-KD step and a plain SFT step.
 MEASURED_KD_S, MEASURED_SFT_S = 0.783, 0.210
 SUPERVISED_ROWS, CHUNK_ROWS = 1272, 512  # that micro-batch's supervised rows; loss.chunk_rows' default

@@ -58,8 +58,8 @@ def _interpreter():
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SPEC_R = [6.0, 5.5, 5.0, 1.0, 0.8, 0.5, 0.2, 0.0]
-SPEC_Q = [2.0, 3.0, 1.5, 0.0, 2.5, 0.2, 0.1, 1.0]
+METHOD_EXAMPLE_R = [6.0, 5.5, 5.0, 1.0, 0.8, 0.5, 0.2, 0.0]
+METHOD_EXAMPLE_Q = [2.0, 3.0, 1.5, 0.0, 2.5, 0.2, 0.1, 1.0]
 
 
 def _index_ordered_window(lead, candidates):
@@ -113,13 +113,13 @@ def _compare(ref, trainee, loss_tol, grad_rtol, grad_atol, equal_nan=False, tuni
     return loss, grad
 
 
-# ------------------------------------------------------------------------------------------ SPEC.md
+# ---------------------------------------------------------------------------------------- docs/method.md
 @pytest.mark.parametrize("tau, l_t, l_s, total", [
     (1.0, 0.4805803407, 2.0401138353, 2.5206941760),
     (3.0, 0.0884825021, 0.4477111719, 0.5361936740),
 ])
 def test_spec_reference_values(tau, l_t, l_s, total):
-    r, q = torch.tensor([SPEC_R]), torch.tensor([SPEC_Q])
+    r, q = torch.tensor([METHOD_EXAMPLE_R]), torch.tensor([METHOD_EXAMPLE_Q])
     parts = kernels.dbild_branches_triton(r, q, candidates=8, temperature=tau)
     assert parts["ref_led_k"].tolist() == [4] and parts["trainee_led_k"].tolist() == [6]
     assert parts["ref_led_loss"].item() == pytest.approx(l_t, abs=1e-5)

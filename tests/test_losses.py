@@ -7,7 +7,7 @@ from recipe.losses.dbild import dbild_branches_torch, knee_k
 
 R = [6.0, 5.5, 5.0, 1.0, 0.8, 0.5, 0.2, 0.0]
 Q = [2.0, 3.0, 1.5, 0.0, 2.5, 0.2, 0.1, 1.0]
-SPEC_GRAD_TAU1 = [-0.86801903, -0.08102676, -1.03468969, 0.34615624, 1.00872484, 0.15174168, 0.0, 0.47711272]
+METHOD_EXAMPLE_GRAD_TAU1 = [-0.86801903, -0.08102676, -1.03468969, 0.34615624, 1.00872484, 0.15174168, 0.0, 0.47711272]
 
 
 def spec_inputs():
@@ -33,7 +33,7 @@ def test_spec_reference_values(tau, l_t, l_s, total):
 def test_spec_reference_gradient():
     ref, trainee = spec_inputs()
     dbild_loss(ref, trainee, candidates=8, temperature=1.0, impl="torch").backward()
-    assert torch.allclose(trainee.grad[0], torch.tensor(SPEC_GRAD_TAU1, dtype=torch.float64), atol=1e-8)
+    assert torch.allclose(trainee.grad[0], torch.tensor(METHOD_EXAMPLE_GRAD_TAU1, dtype=torch.float64), atol=1e-8)
 
 
 def test_identical_inputs_give_exactly_zero_and_random_inputs_nonnegative():
